@@ -1,0 +1,59 @@
+"""Package DigitCNN into ``model_store/digit-model.mar`` with torch-model-archiver.
+
+The .mar is a zip: ``MAR-INF/MANIFEST.json`` (model name, version, handler), the model file
+(``model.py``), the weights (state_dict), the handler and the preprocessing it imports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from digitserve.config import ARCHIVE_NAME, MODEL_NAME, MODEL_STORE, MODEL_VERSION, WEIGHTS_PATH
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_FILE = PACKAGE_DIR / "model.py"
+HANDLER_FILE = PACKAGE_DIR / "handler.py"
+EXTRA_FILES = (PACKAGE_DIR / "preprocessing.py",)
+
+
+def build_archive(
+    weights: Path = WEIGHTS_PATH,
+    version: str = MODEL_VERSION,
+    archive_name: str = ARCHIVE_NAME,
+    model_store: Path = MODEL_STORE,
+    model_name: str = MODEL_NAME,
+) -> Path:
+    """Run torch-model-archiver and return the path of the new ``<archive_name>.mar``."""
+    if not Path(weights).is_file():
+        raise FileNotFoundError(
+            f"no trained weights at {weights}: run `digitserve train` (notebook 01) first."
+        )
+    model_store.mkdir(parents=True, exist_ok=True)
+    archiver = Path(sys.executable).with_name("torch-model-archiver")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [str(archiver), "--model-name", model_name, "--version", version,
+             "--model-file", str(MODEL_FILE), "--serialized-file", str(weights),
+             "--handler", str(HANDLER_FILE),
+             "--extra-files", ",".join(str(path) for path in EXTRA_FILES),
+             "--export-path", tmp, "--force"],
+            check=True, capture_output=True, text=True,
+        )
+        target = model_store / f"{archive_name}.mar"
+        shutil.move(Path(tmp) / f"{model_name}.mar", target)
+    return target
+
+
+def describe_archive(mar: Path) -> dict:
+    """The files inside a .mar and its manifest, for a learner to look at."""
+    with zipfile.ZipFile(mar) as archive:
+        return {
+            "files": {info.filename: info.file_size for info in archive.infolist()},
+            "manifest": json.loads(archive.read("MAR-INF/MANIFEST.json")),
+        }

@@ -1,0 +1,116 @@
+"""Train DigitCNN on MNIST: seeded, with a progress bar, on CUDA when present, else the CPU."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from digitserve.config import DATA_DIR, TRAIN_METRICS_PATH, WEIGHTS_PATH
+from digitserve.data import load_split
+from digitserve.evaluate import predict_logits
+from digitserve.model import DigitCNN
+from digitserve.preprocessing import normalize_digits, to_model_input
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What a training run does. The defaults are the full lesson (≥ 99.3 % test accuracy)."""
+
+    epochs: int = 4
+    batch_size: int = 128
+    max_lr: float = 3e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    #: Train on only the first N training images (None: all 60,000); the quick setting uses this.
+    train_limit: int | None = None
+    seed: int = 0
+
+
+QUICK_SETTINGS = TrainSettings(epochs=1, train_limit=20_000)
+
+
+def pick_device() -> torch.device:
+    """CUDA when this machine has it, else the CPU: the model is small enough for either."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(
+    settings: TrainSettings = TrainSettings(),
+    weights_path: Path = WEIGHTS_PATH,
+    metrics_path: Path = TRAIN_METRICS_PATH,
+    data_root: Path = DATA_DIR,
+) -> dict:
+    """Train, evaluate on the 10,000 test images after each epoch, save weights and metrics.
+
+    The test set is only watched, never used to choose anything: the saved model is the last one.
+    """
+    torch.manual_seed(settings.seed)
+    device = pick_device()
+    started = time.perf_counter()
+    train_x, train_y = load_split(train=True, root=data_root)
+    if settings.train_limit:
+        train_x, train_y = train_x[: settings.train_limit], train_y[: settings.train_limit]
+    test_x, test_y = load_split(train=False, root=data_root)
+    train_x, test_x = normalize_digits(train_x), normalize_digits(test_x)
+
+    model = DigitCNN().to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.max_lr, weight_decay=settings.weight_decay
+    )
+    steps_per_epoch = -(-len(train_x) // settings.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=settings.max_lr, total_steps=settings.epochs * steps_per_epoch
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    generator = torch.Generator().manual_seed(settings.seed)
+    history = []
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train_x), generator=generator)
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = tqdm(order.split(settings.batch_size), desc=f"epoch {epoch}/{settings.epochs}")
+        for batch in bar:
+            inputs = to_model_input(train_x[batch]).to(device, memory_format=torch.channels_last)
+            labels = train_y[batch].to(device)
+            logits = model(inputs)
+            loss = loss_fn(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            seen += len(batch)
+            loss_sum += loss.item() * len(batch)
+            correct += (logits.argmax(1) == labels).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        test_logits = predict_logits(model, test_x, device=device)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": loss_sum / seen,
+                "train_accuracy": correct / seen,
+                "test_loss": nn.functional.cross_entropy(test_logits, test_y).item(),
+                "test_accuracy": (test_logits.argmax(1) == test_y).float().mean().item(),
+            }
+        )
+        print(f"epoch {epoch}: test accuracy {history[-1]['test_accuracy']:.4f}")
+
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights_path)
+    metrics = {
+        "settings": asdict(settings),
+        "device": str(device),
+        "train_images": len(train_x),
+        "epochs": history,
+        "test_accuracy": history[-1]["test_accuracy"],
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "weights": str(weights_path),
+    }
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    return metrics
