@@ -1,0 +1,46 @@
+# The front door of the kit. `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Jupyter looks in the project's environment before a user's own kernels.
+export JUPYTER_PREFER_ENV_PATH := 1
+
+.PHONY: env demo test lab lint lock clean
+
+env: $(STAMP)
+
+# Everything goes into .venv: nothing is installed outside the project, so this works where the
+# system pip refuses to install (an "externally managed" Python).
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -m venv $(VENV) || { echo "Could not create $(VENV) with $(PYTHON): install the venv module (Debian/Ubuntu: apt-get install python3-venv) or set PYTHON=/path/to/python3.11"; exit 1; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name digitserve --display-name "Python (digitserve)" >/dev/null
+	$(BIN)/digitserve check
+	@touch $@
+
+demo: env
+	$(BIN)/digitserve demo
+
+test: env
+	$(BIN)/python -m pytest
+
+lab: env
+	$(BIN)/digitserve data
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+lint: env
+	$(BIN)/ruff check src tests
+
+# Re-pin every dependency after editing pyproject.toml (run in a fresh environment).
+lock:
+	rm -rf /tmp/digitserve-lock && $(PYTHON) -m venv /tmp/digitserve-lock
+	/tmp/digitserve-lock/bin/python -m pip install --quiet --upgrade pip
+	/tmp/digitserve-lock/bin/python -m pip install --quiet --editable '.[dev]'
+	/tmp/digitserve-lock/bin/python -m pip freeze --exclude-editable | grep -v '^digitserve' > requirements.lock
+
+clean:
+	-$(BIN)/digitserve serve stop
+	rm -rf build
