@@ -218,7 +218,8 @@ def run_predict(args: argparse.Namespace) -> int:
     with DigitClient.for_run_dir(config.RUN_DIR) as client:
         for image in args.images:
             try:
-                answer = {"image": str(image), **asdict(client.predict(image, version=args.version))}
+                prediction = client.predict(image, version=args.version)
+                answer = {"image": str(image), **asdict(prediction)}
             except (ServingError, OSError) as err:
                 failures += 1
                 answer = {"image": str(image), "error": str(err)}

@@ -8,6 +8,8 @@ message says what happened and what to do.
 from __future__ import annotations
 
 import json
+import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,10 @@ CHANNEL_OPTIONS = (
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
     }]})),
 )
+
+
+#: The most image bytes one request may carry: the message limit less room for the envelope.
+MAX_IMAGE_BYTES = MAX_MESSAGE_BYTES - 4096
 
 
 class ServingError(Exception):
@@ -86,6 +92,18 @@ class Prediction:
                    answer.get("model_version", ""))
 
 
+def _channel(target: str, tls_cert: Path | None) -> grpc.Channel:
+    if tls_cert is None:
+        return grpc.insecure_channel(target, CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_cert).read_bytes())
+    return grpc.secure_channel(target, credentials, CHANNEL_OPTIONS)
+
+
+def _status_name(value: int) -> str:
+    """The name of a numeric google.rpc status code, e.g. 3 → ``INVALID_ARGUMENT``."""
+    return next((code.name for code in grpc.StatusCode if code.value[0] == value), str(value))
+
+
 def read_key(key_file: Path, api: str) -> str:
     """The ``inference`` or ``management`` key from TorchServe's key file."""
     try:
@@ -107,12 +125,20 @@ class DigitClient:
         key_file: Path | None = None,
         deadline_s: float = RPC_DEADLINE_S,
         model_name: str = MODEL_NAME,
+        tls_cert: Path | None = None,
+        token_api_url: str | None = None,
     ) -> None:
+        """Open one channel per API. ``tls_cert``: trust this certificate and use TLS.
+
+        ``token_api_url`` is TorchServe's HTTP management address; with it an expired key is
+        renewed (TorchServe renews keys over HTTP only) and the call retried once.
+        """
         self.key_file = Path(key_file) if key_file else None
         self.deadline_s = deadline_s
         self.model_name = model_name
-        self.inference_channel = grpc.insecure_channel(inference_target, CHANNEL_OPTIONS)
-        self.management_channel = grpc.insecure_channel(management_target, CHANNEL_OPTIONS)
+        self.token_api_url = token_api_url
+        self.inference_channel = _channel(inference_target, tls_cert)
+        self.management_channel = _channel(management_target, tls_cert)
         self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(self.inference_channel)
         self.management = management_pb2_grpc.ManagementAPIsServiceStub(self.management_channel)
 
@@ -127,8 +153,11 @@ class DigitClient:
             )
         state = json.loads(state_file.read_text())
         host, ports = state.get("host", HOST), state["ports"]
+        tls_cert = state.get("tls_cert")
         return cls(f"{host}:{ports['grpc_inference']}", f"{host}:{ports['grpc_management']}",
-                   key_file=Path(state["key_file"]), **kwargs)
+                   key_file=Path(state["key_file"]),
+                   tls_cert=Path(tls_cert) if tls_cert else None,
+                   token_api_url=f"http://{host}:{ports['http_management']}", **kwargs)
 
     def close(self) -> None:
         self.inference_channel.close()
@@ -149,18 +178,64 @@ class DigitClient:
     def predict(self, image: bytes | str | Path, version: str = "", model: str | None = None
                 ) -> Prediction:
         """Classify one image (bytes, or a path to an image file)."""
-        data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
-        if len(data) > MAX_MESSAGE_BYTES - 1024:
-            raise RequestTooLargeError(
-                f"the image is {len(data):,} bytes; the limit shared by client and server is "
-                f"{MAX_MESSAGE_BYTES:,} bytes (config.MAX_MESSAGE_BYTES): scale it down."
-            )
-        request = inference_pb2.PredictionsRequest(
-            model_name=model or self.model_name, model_version=version, input={"data": data}
-        )
+        request = self._prediction_request(image, version, model)
         reply = self._call(self.inference.Predictions, request, "inference",
                            model=model or self.model_name, version=version)
         return Prediction.from_json(reply.prediction)
+
+    def _prediction_request(self, image: bytes | str | Path, version: str, model: str | None,
+                            stream: bool = False) -> inference_pb2.PredictionsRequest:
+        """The request for one image; refused here, before sending, when it is over the limit."""
+        data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+        if len(data) > MAX_IMAGE_BYTES:
+            raise RequestTooLargeError(
+                f"the image is {len(data):,} bytes; requests are limited to {MAX_IMAGE_BYTES:,} "
+                f"bytes of image (config.MAX_MESSAGE_BYTES, shared with the server): scale it down."
+            )
+        inputs = {"data": data, **({"stream": b"1"} if stream else {})}
+        return inference_pb2.PredictionsRequest(
+            model_name=model or self.model_name, model_version=version, input=inputs
+        )
+
+    def stream(self, image: bytes | str | Path, version: str = "", model: str | None = None
+               ) -> Iterator[dict]:
+        """StreamPredictions: yields the top-3 digits first, then the full answer (a dict)."""
+        request = self._prediction_request(image, version, model, stream=True)
+        try:
+            for reply in self.inference.StreamPredictions(
+                request, timeout=self.deadline_s, metadata=self.metadata("inference")
+            ):
+                answer = json.loads(reply.prediction)
+                if "error" in answer:
+                    raise InvalidInputError(answer["error"])
+                yield answer
+        except grpc.RpcError as err:
+            raise self._translate(err, model or self.model_name, version) from None
+
+    def stream_bidirectional(self, images: Iterable[bytes], sequence_id: str,
+                             version: str = "", model: str | None = None) -> Iterator[bytes]:
+        """StreamPredictions2: many requests in, many answers out, on one call.
+
+        TorchServe 0.12.0 accepts it only for *stateful* (sequence) models; for others each
+        answer carries a ``google.rpc.Status`` error, which is raised as ``ServingError``.
+        """
+        requests = (
+            inference_pb2.PredictionsRequest(
+                model_name=model or self.model_name, model_version=version,
+                input={"data": data}, sequence_id=sequence_id,
+            )
+            for data in images
+        )
+        try:
+            for reply in self.inference.StreamPredictions2(
+                requests, timeout=self.deadline_s, metadata=self.metadata("inference")
+            ):
+                if reply.HasField("status") and reply.status.code != 0:
+                    code = _status_name(reply.status.code)
+                    raise ServingError(f"StreamPredictions2: {code}: {reply.status.message}")
+                yield reply.prediction
+        except grpc.RpcError as err:
+            raise self._translate(err, model or self.model_name, version) from None
 
     # -- management API ------------------------------------------------------------------------
     def describe(self, model: str | None = None, version: str = "", customized: bool = False
@@ -184,6 +259,45 @@ class DigitClient:
             if not token:
                 return models
 
+    def register(self, mar: str, initial_workers: int = 1, batch_size: int = 1,
+                 max_batch_delay_ms: int = 5, synchronous: bool = True) -> str:
+        """RegisterModel from the local model store (``mar`` is a file name in it)."""
+        request = management_pb2.RegisterModelRequest(
+            url=mar, initial_workers=initial_workers, batch_size=batch_size,
+            max_batch_delay=max_batch_delay_ms, synchronous=synchronous,
+        )
+        return self._management(self.management.RegisterModel, request, mar)
+
+    def scale(self, min_workers: int, max_workers: int | None = None, version: str = "",
+              model: str | None = None, synchronous: bool = True) -> str:
+        """ScaleWorker: set how many Python workers serve the model."""
+        request = management_pb2.ScaleWorkerRequest(
+            model_name=model or self.model_name, model_version=version, min_worker=min_workers,
+            max_worker=max_workers or min_workers, synchronous=synchronous,
+        )
+        return self._management(self.management.ScaleWorker, request, model, version)
+
+    def set_default(self, version: str, model: str | None = None) -> str:
+        """SetDefault: the version that answers when a request names none."""
+        request = management_pb2.SetDefaultRequest(
+            model_name=model or self.model_name, model_version=version
+        )
+        return self._management(self.management.SetDefault, request, model, version)
+
+    def unregister(self, version: str = "", model: str | None = None) -> str:
+        """UnregisterModel: stop serving one version (or the default one)."""
+        request = management_pb2.UnregisterModelRequest(
+            model_name=model or self.model_name, model_version=version
+        )
+        return self._management(self.management.UnregisterModel, request, model, version)
+
+    def _management(self, method, request, model: str | None, version: str = "") -> str:
+        reply = self._call(method, request, "management", model or self.model_name, version)
+        try:
+            return json.loads(reply.msg).get("status", reply.msg)
+        except ValueError:
+            return reply.msg
+
     def is_ready(self, model: str | None = None, version: str = "") -> bool:
         """True when the model has at least one READY worker."""
         try:
@@ -195,15 +309,47 @@ class DigitClient:
 
     # -- plumbing ------------------------------------------------------------------------------
     def metadata(self, api: str) -> tuple[tuple[str, str], ...]:
+        """The ``authorization`` metadata for the ``inference`` or ``management`` API."""
         if self.key_file is None:
             return ()
         return (("authorization", f"Bearer {read_key(self.key_file, api)}"),)
 
     def _call(self, method, request, api: str, model: str = "", version: str = ""):
+        """One unary call with deadline and token; a refused token is renewed and retried once."""
+        for attempt in (1, 2):
+            metadata = self.metadata(api)
+            try:
+                return method(request, timeout=self.deadline_s, metadata=metadata)
+            except grpc.RpcError as err:
+                denied = err.code() == grpc.StatusCode.PERMISSION_DENIED
+                if denied and attempt == 1 and self.renew_key(api, metadata):
+                    continue
+                raise self._translate(err, model, version) from None
+
+    def renew_key(self, api: str, sent: tuple[tuple[str, str], ...]) -> bool:
+        """Get a key other than the one ``sent``: re-read the key file, else ask TorchServe.
+
+        True when there is a new key to try. TorchServe's keys expire (60 minutes by default,
+        ``token_expiration_min``) and can only be renewed over its HTTP management API, with
+        the ``API`` key from the same file.
+        """
+        if self.key_file is None or not self.key_file.is_file():
+            return False
+        if self.metadata(api) != sent:
+            return True
+        if not self.token_api_url:
+            return False
+        api_key = read_key(self.key_file, "API")
+        request = urllib.request.Request(
+            f"{self.token_api_url}/token?type={api}", method="POST",
+            headers={"Authorization": f"Bearer {api_key}"},
+        )
         try:
-            return method(request, timeout=self.deadline_s, metadata=self.metadata(api))
-        except grpc.RpcError as err:
-            raise self._translate(err, model, version) from None
+            with urllib.request.urlopen(request, timeout=self.deadline_s):
+                pass
+        except OSError:
+            return False
+        return self.metadata(api) != sent
 
     def _translate(self, err: grpc.RpcError, model: str, version: str) -> ServingError:
         code = err.code()

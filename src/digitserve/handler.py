@@ -4,6 +4,11 @@ What it fixes from the blog recipe: softmax happens here, on logits; the answer 
 itself (digits are 0–9, no ``+ 1``); the model is built without downloading anything; every
 request is validated, and a bad one gets a clear message instead of "Prediction failed".
 
+Streaming: a request whose input map also holds ``stream`` (any value) and arrives through
+StreamPredictions first gets ``{"stage": "top3", "top": [...]}`` (the three likeliest digits)
+as an intermediate response, then the full answer. Only ask for it on StreamPredictions: a unary
+Predictions call completes with the first response it gets.
+
 Errors: a request that is alone in its batch and cannot be read raises
 ``PredictionException(message, 400)``, which TorchServe sends over gRPC as INVALID_ARGUMENT.
 Inside a batch of several, TorchServe 0.12.0's gRPC frontend ignores per-request status codes,
@@ -19,6 +24,7 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
@@ -55,8 +61,12 @@ class DigitHandler(BaseHandler):
             indices = sorted(digits)
             batch = torch.from_numpy(np.stack([digits[i] for i in indices]))
             probabilities = self.predict_probabilities(batch)
-            for index, row in zip(indices, probabilities.tolist()):
+            for index, row in zip(indices, probabilities.tolist(), strict=True):
                 answers[index] = self.answer(row)
+            streamed = {i: context.request_ids[i] for i in indices if "stream" in data[i]}
+            if streamed:
+                first = {i: json.dumps(top_classes(answers[i]["probabilities"])) for i in streamed}
+                send_intermediate_predict_response(first, streamed, "top3", 200, context)
         for index, message in errors.items():
             context.set_response_status(400, message, idx=index)
             answers[index] = {"error": message, "code": 400}
@@ -79,6 +89,13 @@ class DigitHandler(BaseHandler):
             "probabilities": [round(p, 6) for p in probabilities],
             "model_version": self.version,
         }
+
+
+def top_classes(probabilities: list[float], k: int = 3) -> dict:
+    """The ``k`` likeliest digits: what a stream sends before the full answer."""
+    ranked = sorted(range(10), key=probabilities.__getitem__, reverse=True)[:k]
+    top = [{"digit": digit, "probability": probabilities[digit]} for digit in ranked]
+    return {"stage": f"top{k}", "top": top}
 
 
 def read_batch(data: list[dict]) -> tuple[dict, dict]:

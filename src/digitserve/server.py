@@ -39,6 +39,7 @@ from digitserve.config import (
     STARTUP_TIMEOUT_S,
     Ports,
 )
+from digitserve.tls import Certificate
 
 STATE_FILE = "server.json"
 LOG_FILE = "torchserve.out"
@@ -86,6 +87,8 @@ class ServerSettings:
     max_request_bytes: int = MAX_MESSAGE_BYTES
     #: Torch threads per worker; None shares the CPUs among the workers, so none oversubscribes.
     torch_threads: int | None = None
+    #: Serve gRPC over TLS with this certificate (see ``digitserve.tls``); None: plaintext.
+    tls: Certificate | None = None
     extra_properties: dict[str, str] = field(default_factory=dict)
 
 
@@ -174,6 +177,12 @@ def config_properties(settings: ServerSettings) -> str:
         "netty_client_threads": "2",
         "vmargs": "-Xmx1g -XX:+UseSerialGC",
     }
+    if settings.tls:
+        properties.update(
+            enable_grpc_ssl="true",
+            certificate_file=str(settings.tls.cert),
+            private_key_file=str(settings.tls.key),
+        )
     if settings.enable_model_api:
         # Only the local model store may be registered from (the 2023 "ShellTorch" fix).
         properties["allowed_urls"] = f"file://{settings.model_store}/.*"
@@ -246,7 +255,7 @@ class TorchServe:
             "log_file": str(self.log_file),
             "model_store": str(self.settings.model_store),
             "models": [asdict(spec) for spec in self.settings.models],
-            "grpc_ssl": self.settings.extra_properties.get("enable_grpc_ssl") == "true",
+            "tls_cert": str(self.settings.tls.cert) if self.settings.tls else None,
             "started_at": time.time(),
         })
         # A notebook kernel that ends (or a cell that fails and the kernel is shut down) still

@@ -1,0 +1,127 @@
+"""Run the lesson notebooks head-less with papermill, and keep the figures each one records.
+
+Each notebook's ``parameters`` cell starts with ``QUICK = False``; papermill injects the
+override (``QUICK = True`` for the short setting) in a cell right after it. The executed copy
+goes to ``build/notebooks/`` and the notebook's last cell writes ``build/metrics/<stem>.json``,
+which the tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import papermill
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+from digitserve import config
+
+NOTEBOOKS_DIR = config.PROJECT_ROOT / "notebooks"
+#: The lessons in the order they must run: each uses what the one before it made.
+NOTEBOOKS = (
+    "01_train.ipynb",
+    "02_archive.ipynb",
+    "03_serve.ipynb",
+    "04_grpc_client.ipynb",
+)
+#: The kernel installed with the kit's environment; a user's own "python3" may lack the package.
+KERNEL_NAME = "digitserve"
+#: Per-cell time limits: papermill has none by default, so a hung cell would wait for ever.
+#: The full setting's training cell is the longest (4 epochs of 60,000 images on a CPU).
+QUICK_CELL_TIMEOUT_S = 900
+FULL_CELL_TIMEOUT_S = 3 * 3600
+
+
+class NotebookError(RuntimeError):
+    """A notebook failed; the message names the cell, the error and the executed copy."""
+
+
+def run_notebook(
+    name: str,
+    quick: bool,
+    out_dir: Path = config.NOTEBOOKS_OUT_DIR,
+    timeout_s: float | None = None,
+) -> Path:
+    """Execute ``notebooks/<name>`` with ``QUICK = quick``; return the executed copy's path.
+
+    ``timeout_s`` limits every cell (default: 15 min quick, 3 h full).
+    """
+    # The kit's kernelspec lives in its environment; without this, one of the same name in
+    # the user's ~/.local/share/jupyter would win and run another Python.
+    os.environ["JUPYTER_PREFER_ENV_PATH"] = "1"
+    _check_kernel()
+    source = NOTEBOOKS_DIR / name
+    if not source.is_file():
+        raise FileNotFoundError(f"no notebook {source}; the lessons are {', '.join(NOTEBOOKS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / name
+    if timeout_s is None:
+        timeout_s = QUICK_CELL_TIMEOUT_S if quick else FULL_CELL_TIMEOUT_S
+    try:
+        papermill.execute_notebook(
+            str(source),
+            str(output),
+            parameters={"QUICK": quick},
+            kernel_name=KERNEL_NAME,
+            execution_timeout=timeout_s,
+            cwd=str(NOTEBOOKS_DIR),
+            progress_bar=False,
+        )
+    except papermill.PapermillExecutionError as err:
+        raise NotebookError(
+            f"{name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+            f"The executed copy, with the error in it, is {output}."
+        ) from err
+    return output
+
+
+def run_all(quick: bool, out_dir: Path = config.NOTEBOOKS_OUT_DIR,
+            timeout_s: float | None = None) -> list[Path]:
+    """Run every lesson in order; stop at the first that fails."""
+    return [run_notebook(name, quick, out_dir, timeout_s) for name in NOTEBOOKS]
+
+
+def record_metrics(
+    notebook_name: str,
+    metrics: dict,
+    quick: bool | None = None,
+    metrics_dir: Path = config.METRICS_DIR,
+) -> Path:
+    """Write ``<metrics_dir>/<stem>.json``: the figures a notebook's test checks.
+
+    The interpreter that ran the notebook and the time are added, so a test can tell a fresh
+    file written by the kit's kernel from a stale one or one written by another Python.
+    """
+    record = {**metrics, "python": sys.executable, "recorded_at": time.time()}
+    if quick is not None:
+        record["quick"] = quick
+    path = Path(metrics_dir) / f"{Path(notebook_name).stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str))
+    return path
+
+
+def read_metrics(stem: str, metrics_dir: Path = config.METRICS_DIR) -> dict:
+    """The metrics a notebook recorded, e.g. ``read_metrics("01_train")``."""
+    path = Path(metrics_dir) / f"{Path(stem).stem}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no metrics at {path}: run notebooks/{Path(stem).stem}.ipynb first "
+            "(or `digitserve.notebooks.run_notebook`)."
+        )
+    return json.loads(path.read_text())
+
+
+def _check_kernel() -> None:
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+    except NoSuchKernel:
+        raise NotebookError(
+            f"the Jupyter kernel {KERNEL_NAME!r} is not installed: run `make env`, or "
+            f"`{sys.executable} -m ipykernel install --sys-prefix --name {KERNEL_NAME} "
+            "--display-name 'Python (digitserve)'`."
+        ) from None

@@ -1,0 +1,191 @@
+"""The figures a learner looks at: the data, what preprocessing does, training and its mistakes.
+
+Every function builds a ``matplotlib.figure.Figure`` directly (no pyplot), so it works under any
+backend, head-less included, and leaks no global figure state. In a notebook run
+``%matplotlib inline`` once and a returned figure shows as the cell's result; ``save_to`` also
+writes it as a PNG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from PIL import Image
+
+if TYPE_CHECKING:
+    from digitserve.client import Prediction
+
+WRONG_COLOR = "tab:red"
+#: The width, in inches, a grid cell takes: big enough for a 28×28 digit and a two-line title.
+CELL_INCHES = 1.25
+
+
+def sample_digits(
+    images: torch.Tensor, labels: Sequence[int], columns: int = 10, save_to: Path | None = None
+) -> Figure:
+    """A grid of digits with their labels: what the model learns from, as it is stored."""
+    fig, axes = _grid(len(images), columns)
+    for ax, image, label in zip(axes, images, labels):
+        _show_digit(ax, image)
+        ax.set_title(str(int(label)), fontsize=10)
+    fig.suptitle(f"{len(images)} MNIST digits and their labels")
+    return _finish(fig, save_to)
+
+
+def preprocessing_steps(
+    raw: torch.Tensor, normalized: torch.Tensor, model_input: torch.Tensor,
+    save_to: Path | None = None,
+) -> Figure:
+    """One digit at each stage: stored 28×28, MNIST-normalised 28×28, and the 3×96×96 model input.
+
+    The three channels of the model input are identical (MobileNet expects colour), so one
+    channel is shown, with its value range after mean/std normalisation.
+    """
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    _show_digit(axes[0], raw)
+    axes[0].set_title(f"stored: {_shape(raw)} {_dtype(raw)}\n0–255", fontsize=10)
+    _show_digit(axes[1], normalized)
+    axes[1].set_title(f"normalize_digit: {_shape(normalized)}\nbox 20×20, centred by mass",
+                      fontsize=10)
+    channel = model_input[0].numpy()
+    shown = axes[2].imshow(channel, cmap="gray")
+    axes[2].set_title(f"to_model_input: {_shape(model_input)} {_dtype(model_input)}\n"
+                      f"values {channel.min():.2f} … {channel.max():.2f}", fontsize=10)
+    axes[2].set_xticks([])
+    axes[2].set_yticks([])
+    fig.colorbar(shown, ax=axes[2], shrink=0.8)
+    fig.suptitle("What the model sees: the same preprocessing in training and in TorchServe")
+    return _finish(fig, save_to)
+
+
+def training_curves(metrics: dict, save_to: Path | None = None) -> Figure:
+    """Loss and accuracy per epoch, on the training and the test set, from ``train()``'s metrics.
+
+    Training loss uses label smoothing and dropout, test loss neither: training loss sits higher
+    without the model overfitting.
+    """
+    history = metrics["epochs"]
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    loss_ax, accuracy_ax = fig.subplots(1, 2)
+    for split, style in (("train", "o-"), ("test", "s--")):
+        loss_ax.plot(epochs, [row[f"{split}_loss"] for row in history], style, label=split)
+        accuracy_ax.plot(epochs, [100 * row[f"{split}_accuracy"] for row in history], style,
+                         label=split)
+    loss_ax.set(title="cross-entropy loss", xlabel="epoch", ylabel="loss")
+    accuracy_ax.set(title="accuracy", xlabel="epoch", ylabel="% correct")
+    final = 100 * history[-1]["test_accuracy"]
+    accuracy_ax.annotate(f"test {final:.2f} %", (epochs[-1], final), textcoords="offset points",
+                         xytext=(-10, -18), ha="right")
+    for ax in (loss_ax, accuracy_ax):
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Training on {metrics['train_images']:,} images, "
+                 f"{len(epochs)} epoch(s), {metrics['wall_time_s']:.0f} s on {metrics['device']}")
+    return _finish(fig, save_to)
+
+
+def confusion_matrix(cm: torch.Tensor, save_to: Path | None = None) -> Figure:
+    """Counts of (true, predicted) digits, on a log colour scale so rare mistakes still show."""
+    counts = cm.numpy()
+    fig = Figure(figsize=(6.4, 5.6), layout="constrained")
+    ax = fig.subplots()
+    shown = ax.imshow(np.ma.masked_equal(counts, 0), cmap="Blues",
+                      norm=LogNorm(vmin=1, vmax=max(int(counts.max()), 2)))
+    dark_from = math.sqrt(max(int(counts.max()), 1))
+    for (true, predicted), count in np.ndenumerate(counts):
+        if count:
+            ax.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if count > dark_from else "black")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit")
+    fig.colorbar(shown, ax=ax, shrink=0.8, label="images (log scale)")
+    accuracy = np.trace(counts) / counts.sum()
+    ax.set_title(f"Confusion matrix: {counts.sum() - np.trace(counts):,} mistakes in "
+                 f"{counts.sum():,} ({100 * accuracy:.2f} % correct)")
+    return _finish(fig, save_to)
+
+
+def misclassified(
+    images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor,
+    probabilities: torch.Tensor, max_n: int = 24, columns: int = 8,
+    save_to: Path | None = None,
+) -> Figure:
+    """The mistakes the model is surest of first: they show what it has not learned."""
+    wrong = torch.nonzero(labels != predicted).flatten()
+    confidence = probabilities[wrong, predicted[wrong]]
+    shown = wrong[confidence.argsort(descending=True)][:max_n]
+    fig, axes = _grid(max(len(shown), 1), columns)
+    for ax, index in zip(axes, shown.tolist()):
+        _show_digit(ax, images[index])
+        ax.set_title(f"true {int(labels[index])} → {int(predicted[index])}\n"
+                     f"{100 * probabilities[index, predicted[index]]:.0f} % sure",
+                     fontsize=9, color=WRONG_COLOR)
+    if not len(shown):
+        axes[0].set_title("no mistakes")
+    fig.suptitle(f"{len(shown)} of {len(wrong):,} misclassified digits, most confident first")
+    return _finish(fig, save_to)
+
+
+def predictions_grid(
+    images_or_paths: Sequence[torch.Tensor | Path | str], true_labels: Sequence[int],
+    predictions: Sequence[Prediction], columns: int = 10, save_to: Path | None = None,
+) -> Figure:
+    """Each image beside the served model's answer; wrong answers get a red title."""
+    fig, axes = _grid(len(predictions), columns)
+    n_correct = 0
+    for ax, image, truth, prediction in zip(axes, images_or_paths, true_labels, predictions):
+        right = prediction.digit == truth
+        n_correct += right
+        _show_digit(ax, image)
+        ax.set_title(f"→ {prediction.digit} ({100 * prediction.probability:.1f} %)\n"
+                     f"true {truth}", fontsize=9, color="black" if right else WRONG_COLOR)
+    fig.suptitle(f"TorchServe's answers: {n_correct} of {len(predictions)} correct")
+    return _finish(fig, save_to)
+
+
+def _grid(n: int, columns: int) -> tuple[Figure, list[Axes]]:
+    """A figure of ``n`` image cells in rows of ``columns``; unused cells are hidden."""
+    columns = min(columns, n)
+    rows = math.ceil(n / columns)
+    fig = Figure(figsize=(CELL_INCHES * columns, 1.5 * CELL_INCHES * rows + 0.4),
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).flatten().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _show_digit(ax: Axes, image: torch.Tensor | Path | str) -> None:
+    """Draw a grayscale digit (tensor or image file) as stored: 0 black, 255 white."""
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            image = opened.convert("L")
+    ax.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "×".join(str(size) for size in tensor.shape)
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _finish(fig: Figure, save_to: Path | None) -> Figure:
+    """Write the figure as a PNG when asked (creating its folder), and return it."""
+    if save_to is not None:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save_to, dpi=110, bbox_inches="tight")
+    return fig
