@@ -60,7 +60,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--json", action="store_true", help="status as JSON")
     serve.add_argument("--batch-size", type=int, default=1)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--enable-model-api", action="store_true",
+                       help="allow register/unregister (from the local model store only)")
     serve.set_defaults(run=run_serve)
+
+    models = commands.add_parser("models", help="ListModels (every page)")
+    models.set_defaults(run=lambda args: management(args, lambda c: c.list_models()))
+    describe = commands.add_parser("describe", help="DescribeModel")
+    describe.add_argument("--version", default="", help="a version, or 'all'")
+    describe.add_argument("--customized", action="store_true", help="ask the handler too")
+    describe.set_defaults(run=lambda args: management(
+        args, lambda c: c.describe(version=args.version, customized=args.customized)))
+    register = commands.add_parser("register", help="RegisterModel from the model store")
+    register.add_argument("mar", help="file name in the model store, e.g. digit-model-v2.mar")
+    register.add_argument("--workers", type=int, default=1)
+    register.add_argument("--batch-size", type=int, default=1)
+    register.set_defaults(run=lambda args: management(args, lambda c: c.register(
+        args.mar, initial_workers=args.workers, batch_size=args.batch_size)))
+    unregister = commands.add_parser("unregister", help="UnregisterModel")
+    unregister.add_argument("--version", default="")
+    unregister.set_defaults(run=lambda args: management(
+        args, lambda c: c.unregister(args.version)))
+    scale = commands.add_parser("scale", help="ScaleWorker")
+    scale.add_argument("workers", type=int)
+    scale.add_argument("--version", default="")
+    scale.set_defaults(run=lambda args: management(
+        args, lambda c: c.scale(args.workers, version=args.version)))
+    set_default = commands.add_parser("set-default", help="SetDefault")
+    set_default.add_argument("version")
+    set_default.set_defaults(run=lambda args: management(
+        args, lambda c: c.set_default(args.version)))
+    stream = commands.add_parser("stream", help="StreamPredictions: top-3 first, then the answer")
+    stream.add_argument("image", type=Path)
+    stream.add_argument("--version", default="")
+    stream.set_defaults(run=lambda args: management(
+        args, lambda c: list(c.stream(args.image, version=args.version))))
+    for command in (models, describe, register, unregister, scale, set_default, stream):
+        command.add_argument("--json", action="store_true", help="print JSON")
 
     demo = commands.add_parser("demo", help="run every notebook at its full setting (make demo)")
     demo.add_argument("--quick", action="store_true", help="the CI setting of every notebook")
@@ -69,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="classify images over gRPC, one JSON line each")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--version", default="", help="model version (default: the default)")
+    predict.add_argument("--json", action="store_true", help="JSON lines (the default output)")
     predict.set_defaults(run=run_predict)
     return parser
 
@@ -157,11 +194,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.action == "start":
         spec = ModelSpec(batch_size=args.batch_size, workers=args.workers)
+        settings = ServerSettings(models=(spec,), enable_model_api=args.enable_model_api)
         stale = status(config.RUN_DIR)
         if stale.get("pid") and not stale.get("running"):
             stop_run_dir(config.RUN_DIR)
             print(f"cleaned up a stale server record (pid {stale['pid']})")
-        server = TorchServe(ServerSettings(models=(spec,)))
+        server = TorchServe(settings)
         server.start()
         # The server outlives this command: it is stopped with `digitserve serve stop`.
         import atexit
@@ -208,6 +246,19 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"Archive:  {config.MODEL_STORE / (config.ARCHIVE_NAME + '.mar')}")
     print(f"Figures:  {config.FIGURES_DIR}")
     print(f"Test accuracy on the 10,000 MNIST test images: {training['test_accuracy']:.2%}")
+    return 0
+
+
+def management(args: argparse.Namespace, call) -> int:
+    """Run one client call against the server of this run directory and print its answer."""
+    from digitserve.client import DigitClient
+
+    with DigitClient.for_run_dir(config.RUN_DIR) as client:
+        answer = call(client)
+    if args.json or not isinstance(answer, str):
+        print(json.dumps(answer, indent=2))
+    else:
+        print(answer)
     return 0
 
 

@@ -7,14 +7,17 @@ message says what happened and what to do.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from google.protobuf import empty_pb2
+from tqdm.auto import tqdm
 
 from digitserve.config import HOST, MAX_MESSAGE_BYTES, MODEL_NAME, RPC_DEADLINE_S, RUN_DIR
 from digitserve.grpc_stubs import (
@@ -97,6 +100,12 @@ def _channel(target: str, tls_cert: Path | None) -> grpc.Channel:
         return grpc.insecure_channel(target, CHANNEL_OPTIONS)
     credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_cert).read_bytes())
     return grpc.secure_channel(target, credentials, CHANNEL_OPTIONS)
+
+
+def token_refused(err: grpc.RpcError) -> bool:
+    """PERMISSION_DENIED because of the token (not because the model API is off)."""
+    return (err.code() == grpc.StatusCode.PERMISSION_DENIED
+            and "model api" not in (err.details() or "").lower())
 
 
 def _status_name(value: int) -> str:
@@ -196,6 +205,23 @@ class DigitClient:
         return inference_pb2.PredictionsRequest(
             model_name=model or self.model_name, model_version=version, input=inputs
         )
+
+    def predict_many(self, images: Sequence[bytes | str | Path], concurrency: int = 16,
+                     version: str = "", progress: bool = True) -> list[Prediction | ServingError]:
+        """Predict many images with at most ``concurrency`` calls in flight, in input order.
+
+        A failed image gives its ``ServingError`` in its place instead of stopping the rest.
+        """
+        def one(image: bytes | str | Path) -> Prediction | ServingError:
+            try:
+                return self.predict(image, version=version)
+            except ServingError as err:
+                return err
+
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            results = pool.map(one, images)
+            return list(tqdm(results, total=len(images), desc="gRPC predictions",
+                             disable=not progress))
 
     def stream(self, image: bytes | str | Path, version: str = "", model: str | None = None
                ) -> Iterator[dict]:
@@ -321,8 +347,7 @@ class DigitClient:
             try:
                 return method(request, timeout=self.deadline_s, metadata=metadata)
             except grpc.RpcError as err:
-                denied = err.code() == grpc.StatusCode.PERMISSION_DENIED
-                if denied and attempt == 1 and self.renew_key(api, metadata):
+                if attempt == 1 and token_refused(err) and self.renew_key(api, metadata):
                     continue
                 raise self._translate(err, model, version) from None
 
@@ -357,6 +382,12 @@ class DigitClient:
         target = f"{model} version {version}" if version else model
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidInputError(details)
+        if code == grpc.StatusCode.PERMISSION_DENIED and "model api" in details.lower():
+            return ServingError(
+                f"{details}: registering and unregistering models needs TorchServe's model API, "
+                "which the kit leaves off unless asked: start the server with "
+                "ServerSettings(enable_model_api=True) (it then admits only the local model store)."
+            )
         if code == grpc.StatusCode.PERMISSION_DENIED:
             return AuthError(
                 f"TorchServe refused the token from {self.key_file} ({details}). The key may have "
@@ -386,3 +417,71 @@ class DigitClient:
         except ServingError:
             return ""
         return f"Served models: {', '.join(served) or 'none'}."
+
+
+class AsyncDigitClient:
+    """The ``grpc.aio`` flavour of ``DigitClient.predict``, for asyncio code and notebooks.
+
+    It borrows the synchronous client's key handling, request checks and error messages.
+    """
+
+    def __init__(self, client: DigitClient, inference_target: str,
+                 tls_cert: Path | None = None) -> None:
+        self.client = client
+        if tls_cert is None:
+            self.channel = grpc.aio.insecure_channel(inference_target, CHANNEL_OPTIONS)
+        else:
+            credentials = grpc.ssl_channel_credentials(Path(tls_cert).read_bytes())
+            self.channel = grpc.aio.secure_channel(inference_target, credentials, CHANNEL_OPTIONS)
+        self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
+
+    @classmethod
+    def for_run_dir(cls, run_dir: Path = RUN_DIR, **kwargs) -> AsyncDigitClient:
+        client = DigitClient.for_run_dir(run_dir, **kwargs)
+        state = json.loads((Path(run_dir) / "server.json").read_text())
+        target = f"{state.get('host', HOST)}:{state['ports']['grpc_inference']}"
+        tls_cert = state.get("tls_cert")
+        return cls(client, target, Path(tls_cert) if tls_cert else None)
+
+    async def predict(self, image: bytes | str | Path, version: str = "",
+                      model: str | None = None) -> Prediction:
+        """Classify one image; same errors as ``DigitClient.predict``."""
+        request = self.client._prediction_request(image, version, model)
+        for attempt in (1, 2):
+            metadata = self.client.metadata("inference")
+            try:
+                reply = await self.inference.Predictions(
+                    request, timeout=self.client.deadline_s, metadata=metadata
+                )
+                return Prediction.from_json(reply.prediction)
+            except grpc.aio.AioRpcError as err:
+                if (attempt == 1 and token_refused(err)
+                        and self.client.renew_key("inference", metadata)):
+                    continue
+                raise self.client._translate(err, model or self.client.model_name,
+                                             version) from None
+
+    async def predict_many(self, images: Sequence[bytes | str | Path], concurrency: int = 16,
+                           version: str = "", progress: bool = True
+                           ) -> list[Prediction | ServingError]:
+        """Like ``DigitClient.predict_many``, with asyncio tasks instead of threads."""
+        gate = asyncio.Semaphore(concurrency)
+        bar = tqdm(total=len(images), desc="gRPC predictions (aio)", disable=not progress)
+
+        async def one(image: bytes | str | Path) -> Prediction | ServingError:
+            async with gate:
+                try:
+                    return await self.predict(image, version=version)
+                except ServingError as err:
+                    return err
+                finally:
+                    bar.update()
+
+        try:
+            return list(await asyncio.gather(*(one(image) for image in images)))
+        finally:
+            bar.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+        self.client.close()

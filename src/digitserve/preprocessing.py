@@ -37,6 +37,12 @@ MAX_IMAGE_PIXELS = 16_000_000
 INK_THRESHOLD = 32
 
 
+_too_many_pixels = (
+    f"over the limit of {MAX_IMAGE_PIXELS:,} pixels (a decompression bomb guard): "
+    "scale it down before sending"
+)
+
+
 class InvalidInput(ValueError):
     """The payload cannot be read as a digit; the message says why and what is expected."""
 
@@ -60,22 +66,25 @@ _MODEL_TRANSFORM = v2.Compose(
 def normalize_digit(gray: np.ndarray) -> np.ndarray:
     """Make a grayscale image of any size into an MNIST-style 28×28 uint8 digit.
 
-    The ground is taken from the border: a light border means dark ink, which is inverted.
-    The ink's bounding box is scaled so its longer side is 20 pixels, then placed in 28×28
-    so that its centre of mass is in the middle, as in the original MNIST.
+    The ground is read from the border: a light border means dark ink, which is inverted.
+    Ink is told from ground by Otsu's threshold; the brightest ground seen on the border (paper
+    texture, uneven light, JPEG noise) becomes 0 and typical ink 255. The ink's bounding box is
+    then scaled so its longer side is 20 pixels and placed in 28×28 with its centre of mass in
+    the middle, as in the original MNIST. Clean MNIST digits come back almost unchanged.
     """
     gray = gray.astype(np.float32)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    ground = float(np.median(border))
-    if ground > 127:
-        gray, ground = 255.0 - gray, 255.0 - ground
-    ink = np.clip(gray - ground, 0, None)
-    if ink.max() < INK_THRESHOLD:
+    if np.median(border) > 127:
+        gray, border = 255.0 - gray, 255.0 - border
+    if gray.max() - np.median(border) < INK_THRESHOLD:
         raise InvalidInput(
             "the image holds no digit: every pixel is within "
             f"{INK_THRESHOLD}/255 of the background"
         )
-    ink *= 255.0 / ink.max()
+    threshold = otsu_threshold(gray)
+    ground = min(float(np.percentile(border, 99)), threshold)
+    ink_level = float(np.percentile(gray[gray >= threshold], 90))
+    ink = np.clip((gray - ground) / max(ink_level - ground, 1.0), 0.0, 1.0) * 255.0
     rows = np.flatnonzero((ink >= INK_THRESHOLD).any(axis=1))
     cols = np.flatnonzero((ink >= INK_THRESHOLD).any(axis=0))
     box = torch.from_numpy(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy())
@@ -94,6 +103,19 @@ def normalize_digit(gray: np.ndarray) -> np.ndarray:
     digit = np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
     digit[top : top + box.shape[0], left : left + box.shape[1]] = box
     return np.round(digit).astype(np.uint8)
+
+
+def otsu_threshold(gray: np.ndarray) -> float:
+    """The grey level that best splits the pixels into two classes (Otsu, 1979)."""
+    counts, edges = np.histogram(gray, bins=256, range=(0.0, 256.0))
+    levels = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(counts * levels)
+    mean_low = sum_low / np.maximum(weight_low, 1)
+    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
 
 
 def normalize_digits(digits: torch.Tensor) -> torch.Tensor:
@@ -156,11 +178,14 @@ def _open_image(data: bytes) -> Image.Image:
             f"the {len(data)} bytes sent are not an image PIL can read "
             "(PNG, JPEG, BMP, GIF, WebP, TIFF)"
         ) from None
+    except Image.DecompressionBombError:
+        raise InvalidInput(f"the image claims over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, "
+                           f"{_too_many_pixels}") from None
     pixels = image.width * image.height
     if pixels > MAX_IMAGE_PIXELS:
         raise InvalidInput(
-            f"the image is {image.width}×{image.height} = {pixels:,} pixels, over the limit of "
-            f"{MAX_IMAGE_PIXELS:,}: scale it down before sending"
+            f"the image is {image.width}×{image.height} = {pixels:,} pixels, "
+            f"{_too_many_pixels}"
         )
     try:
         image.load()

@@ -1,6 +1,7 @@
 """TorchServe's own .proto files and the Python stubs grpcio-tools makes from them.
 
-``protos/`` holds ``inference.proto`` and ``management.proto`` byte-identical to those inside
+``protos/`` holds ``inference.proto``, ``management.proto`` and ``open_inference_grpc.proto``
+(the Open Inference Protocol, KServe v2) byte-identical to those inside
 the installed TorchServe jar; ``digitserve protos`` regenerates ``digitserve/grpc_stubs``.
 """
 
@@ -17,7 +18,7 @@ from grpc_tools import protoc
 
 from digitserve.config import PROTOS_DIR
 
-PROTO_FILES = ("inference.proto", "management.proto")
+PROTO_FILES = ("inference.proto", "management.proto", "open_inference_grpc.proto")
 STUBS_PACKAGE = "digitserve/grpc_stubs"
 STUBS_DIR = Path(__file__).resolve().parent / "grpc_stubs"
 

@@ -171,6 +171,9 @@ def config_properties(settings: ServerSettings) -> str:
         "max_response_size": str(settings.max_request_bytes),
         "disable_token_authorization": str(not settings.token_auth).lower(),
         "enable_model_api": str(settings.enable_model_api).lower(),
+        # Models may come from the local model store only (the 2023 "ShellTorch" attacks used
+        # the open default, which lets the model API fetch and run any URL).
+        "allowed_urls": f"file://{settings.model_store}/.*",
         "install_py_dep_per_model": "false",
         "disable_system_metrics": "true",
         "number_of_netty_threads": "2",
@@ -183,9 +186,6 @@ def config_properties(settings: ServerSettings) -> str:
             certificate_file=str(settings.tls.cert),
             private_key_file=str(settings.tls.key),
         )
-    if settings.enable_model_api:
-        # Only the local model store may be registered from (the 2023 "ShellTorch" fix).
-        properties["allowed_urls"] = f"file://{settings.model_store}/.*"
     properties.update(settings.extra_properties)
     return "".join(f"{key}={value}\n" for key, value in properties.items())
 

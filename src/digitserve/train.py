@@ -12,10 +12,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from digitserve.config import DATA_DIR, TRAIN_METRICS_PATH, WEIGHTS_PATH
-from digitserve.data import load_split
+from digitserve.data import load_normalized
 from digitserve.evaluate import predict_logits
 from digitserve.model import DigitCNN
-from digitserve.preprocessing import normalize_digits, to_model_input
+from digitserve.preprocessing import to_model_input
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class TrainSettings:
     max_lr: float = 3e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
+    batchnorm_momentum: float = 0.1
     #: Train on only the first N training images (None: all 60,000); the quick setting uses this.
     train_limit: int | None = None
     seed: int = 0
@@ -53,13 +54,17 @@ def train(
     torch.manual_seed(settings.seed)
     device = pick_device()
     started = time.perf_counter()
-    train_x, train_y = load_split(train=True, root=data_root)
+    train_x, train_y = load_normalized(train=True, root=data_root)
     if settings.train_limit:
         train_x, train_y = train_x[: settings.train_limit], train_y[: settings.train_limit]
-    test_x, test_y = load_split(train=False, root=data_root)
-    train_x, test_x = normalize_digits(train_x), normalize_digits(test_x)
+    test_x, test_y = load_normalized(train=False, root=data_root)
 
     model = DigitCNN().to(device).to(memory_format=torch.channels_last)
+    # torchvision's MobileNetV3 tracks BatchNorm statistics with momentum 0.01, tuned for long
+    # ImageNet runs; over a few epochs they would lag the weights and spoil evaluation.
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.momentum = settings.batchnorm_momentum
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.max_lr, weight_decay=settings.weight_decay
     )

@@ -1,0 +1,232 @@
+"""Serving that holds: bad input, load, a killed worker, TLS, expiring tokens, secure defaults.
+
+All against a real TorchServe over real gRPC.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import stat
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+import torch
+from PIL import Image
+
+from digitserve import evaluate, preprocessing
+from digitserve.client import DigitClient, InvalidInputError, ServingError
+from digitserve.grpc_stubs import inference_pb2, inference_pb2_grpc
+from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports
+from digitserve.tls import make_self_signed
+
+pytestmark = pytest.mark.integration
+
+
+def png_bytes(array: np.ndarray, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width×height pixels, followed by a tiny IDAT: a bomb."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (len(body).to_bytes(4, "big") + kind + body
+                + zlib.crc32(kind + body).to_bytes(4, "big"))
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+
+
+def raw_predict(server: TorchServe, inputs: dict[str, bytes]) -> grpc.RpcError | bytes:
+    """One Predictions call through the bare stub, returning the reply or the error."""
+    ports = server.settings.ports
+    with grpc.insecure_channel(f"127.0.0.1:{ports.grpc_inference}") as channel:
+        stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        key = json.loads(server.key_file.read_text())["inference"]["key"]
+        try:
+            reply = stub.Predictions(
+                inference_pb2.PredictionsRequest(model_name="digitmodel", input=inputs),
+                timeout=10, metadata=(("authorization", f"Bearer {key}"),),
+            )
+        except grpc.RpcError as err:
+            return err
+        return reply.prediction
+
+
+@pytest.fixture(scope="module")
+def sample(mnist_test) -> tuple[bytes, int]:
+    images, labels = mnist_test
+    return png_bytes(images[0].numpy()), int(labels[0])
+
+
+BAD_INPUTS = {
+    "empty payload": ({"data": b""}, "empty"),
+    "bytes that are no image": ({"data": b"\x00\x01 definitely not an image \xff" * 4},
+                                "not an image"),
+    "truncated PNG": (None, "truncated"),
+    "decompression bomb": ({"data": huge_png(20_000, 20_000)}, "over the limit"),
+    "pixel list of the wrong shape": ({"data": json.dumps([1, 2, 3]).encode()}, "shape"),
+    "ragged pixel list": ({"data": json.dumps([[1, 2], [3]]).encode()}, "ragged"),
+    "blank image": ({"data": png_bytes(np.zeros((28, 28), np.uint8))}, "no digit"),
+    "missing key": ({"image": b"whatever"}, "keys received: image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_invalid_argument_with_a_message(server, sample, case):
+    inputs, expected = BAD_INPUTS[case]
+    if inputs is None:
+        inputs = {"data": sample[0][: len(sample[0]) // 2]}
+    err = raw_predict(server, inputs)
+    assert isinstance(err, grpc.RpcError), f"{case} was answered: {err!r}"
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, err.code(), err.details())
+    assert expected in err.details(), err.details()
+    # ...and the server still answers good requests afterwards.
+    assert json.loads(raw_predict(server, {"data": sample[0]}))["digit"] == sample[1]
+
+
+def test_base64_and_pixel_list_are_answered_like_the_png(server, sample, mnist_test):
+    png, label = sample
+    pixels = mnist_test[0][0].numpy().tolist()
+    for payload in (base64.b64encode(png), json.dumps(pixels).encode()):
+        assert json.loads(raw_predict(server, {"data": payload}))["digit"] == label
+
+
+def test_unknown_version_names_the_model_and_lists_served(server, sample):
+    with DigitClient.for_run_dir(server.run_dir) as client:
+        with pytest.raises(ServingError) as caught:
+            client.predict(sample[0], version="9.9")
+    assert "digitmodel" in str(caught.value) and "9.9" in str(caught.value)
+    assert "Served models: digitmodel" in str(caught.value)
+
+
+def test_bad_request_in_a_batch_fails_alone(batching_server, mnist_test, trained_weights):
+    images, _ = mnist_test
+    expected = expected_digits(trained_weights, images[:24])
+    results: dict[int, object] = {}
+
+    def call(index: int) -> None:
+        with DigitClient.for_run_dir(batching_server.run_dir) as client:
+            payload = b"garbage" if index % 3 == 0 else png_bytes(images[index].numpy())
+            try:
+                results[index] = client.predict(payload).digit
+            except ServingError as err:
+                results[index] = err
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in range(24):
+        if index % 3 == 0:
+            assert isinstance(results[index], InvalidInputError), results[index]
+            assert "not an image" in str(results[index])
+        else:
+            assert results[index] == expected[index], (index, results[index])
+
+
+def expected_digits(weights: Path, images: torch.Tensor) -> list[int]:
+    model = evaluate.load_model(weights)
+    logits = evaluate.predict_logits(model, preprocessing.normalize_digits(images))
+    return logits.argmax(1).tolist()
+
+
+def worker_pids(server: TorchServe) -> list[int]:
+    pgid = server.process.pid
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if "model_service_worker" in " ".join(p.info["cmdline"] or ())
+            and os.getpgid(p.pid) == pgid]
+
+
+def test_load_with_a_worker_killed_midway_loses_nothing(batching_server, mnist_test,
+                                                         trained_weights):
+    """2,000 predictions, 16 callers, batching on; a worker is SIGKILLed after 500 answers."""
+    images, _ = mnist_test
+    payloads = [png_bytes(image.numpy()) for image in images[:500]]
+    expected = expected_digits(trained_weights, images[:500])
+    order = [i % 500 for i in range(2000)]
+    done = []
+    killed = []
+
+    def kill_a_worker() -> None:
+        while len(done) < 500:
+            time.sleep(0.01)
+        pid = worker_pids(batching_server)[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    with DigitClient.for_run_dir(batching_server.run_dir, deadline_s=60) as client:
+        results = []
+        for start in range(0, 2000, 100):
+            chunk = order[start:start + 100]
+            results += client.predict_many([payloads[i] for i in chunk], concurrency=16,
+                                           progress=False)
+            done.extend(chunk)
+    killer.join(timeout=60)
+    assert killed, "no worker was killed"
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors[:3]
+    wrong = [i for i, r in zip(order, results, strict=True) if r.digit != expected[i]]
+    assert not wrong, f"{len(wrong)} answers belong to another image"
+    assert killed[0] not in worker_pids(batching_server)
+    with DigitClient.for_run_dir(batching_server.run_dir) as client:
+        assert client.is_ready()
+
+
+def test_key_file_and_run_dir_are_private(server):
+    assert stat.S_IMODE(server.key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(server.run_dir.stat().st_mode) == 0o700
+    config = (server.run_dir / "config.properties").read_text()
+    assert "enable_model_api=false" in config
+    assert f"allowed_urls=file://{server.settings.model_store}/.*" in config
+    addresses = [line for line in config.splitlines() if "_address=" in line]
+    assert len(addresses) == 5
+    assert all("127.0.0.1" in line for line in addresses), addresses
+
+
+def test_model_api_is_off_by_default(server):
+    with DigitClient.for_run_dir(server.run_dir) as client:
+        with pytest.raises(ServingError, match="model API"):
+            client.register("digit-model.mar")
+
+
+def test_tls_and_expiring_tokens(model_store, tmp_path, sample, server_group_recorder):
+    """gRPC over TLS with a self-signed certificate; a key that expires is renewed and retried."""
+    certificate = make_self_signed(tmp_path / "tls")
+    settings = ServerSettings(
+        ports=free_ports(), run_dir=tmp_path / "run", model_store=model_store,
+        models=(ModelSpec(),), tls=certificate,
+        extra_properties={"token_expiration_min": "0.1"},  # 6 seconds
+    )
+    with TorchServe(settings) as server:
+        server_group_recorder(server.process.pid)
+        with DigitClient.for_run_dir(server.run_dir) as client:
+            assert client.predict(sample[0]).digit == sample[1]
+            key_before = json.loads(server.key_file.read_text())["inference"]["key"]
+            time.sleep(7)
+            assert client.predict(sample[0]).digit == sample[1]  # renewed, retried once
+            key_after = json.loads(server.key_file.read_text())["inference"]["key"]
+            assert key_after != key_before
+        plain = grpc.insecure_channel(f"127.0.0.1:{settings.ports.grpc_inference}")
+        with pytest.raises(grpc.RpcError) as caught:
+            inference_pb2_grpc.InferenceAPIsServiceStub(plain).Predictions(
+                inference_pb2.PredictionsRequest(model_name="digitmodel",
+                                                 input={"data": sample[0]}),
+                timeout=5,
+            )
+        plain.close()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
