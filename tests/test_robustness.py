@@ -6,46 +6,26 @@ All against a real TorchServe over real gRPC.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
 import stat
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import grpc
-import numpy as np
 import psutil
 import pytest
 import torch
-from PIL import Image
 
-from digitserve import evaluate, preprocessing
+from digitserve import evaluate, preprocessing, synthetic
 from digitserve.client import DigitClient, InvalidInputError, ServingError
 from digitserve.grpc_stubs import inference_pb2, inference_pb2_grpc
 from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports
 from digitserve.tls import make_self_signed
 
 pytestmark = pytest.mark.integration
-
-
-def png_bytes(array: np.ndarray, mode: str = "L") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def huge_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width×height pixels, followed by a tiny IDAT: a bomb."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (len(body).to_bytes(4, "big") + kind + body
-                + zlib.crc32(kind + body).to_bytes(4, "big"))
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
 
 
 def raw_predict(server: TorchServe, inputs: dict[str, bytes]) -> grpc.RpcError | bytes:
@@ -67,33 +47,31 @@ def raw_predict(server: TorchServe, inputs: dict[str, bytes]) -> grpc.RpcError |
 @pytest.fixture(scope="module")
 def sample(mnist_test) -> tuple[bytes, int]:
     images, labels = mnist_test
-    return png_bytes(images[0].numpy()), int(labels[0])
+    return synthetic.png(images[0].numpy()), int(labels[0])
 
 
-BAD_INPUTS = {
-    "empty payload": ({"data": b""}, "empty"),
-    "bytes that are no image": ({"data": b"\x00\x01 definitely not an image \xff" * 4},
-                                "not an image"),
-    "truncated PNG": (None, "truncated"),
-    "decompression bomb": ({"data": huge_png(20_000, 20_000)}, "over the limit"),
-    "pixel list of the wrong shape": ({"data": json.dumps([1, 2, 3]).encode()}, "shape"),
-    "ragged pixel list": ({"data": json.dumps([[1, 2], [3]]).encode()}, "ragged"),
-    "blank image": ({"data": png_bytes(np.zeros((28, 28), np.uint8))}, "no digit"),
-    "missing key": ({"image": b"whatever"}, "keys received: image"),
-}
+BAD_INPUT_NAMES = sorted(synthetic.bad_inputs(b""))
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+@pytest.mark.parametrize("case", BAD_INPUT_NAMES)
 def test_bad_input_gets_invalid_argument_with_a_message(server, sample, case):
-    inputs, expected = BAD_INPUTS[case]
-    if inputs is None:
-        inputs = {"data": sample[0][: len(sample[0]) // 2]}
+    inputs, expected = synthetic.bad_inputs(sample[0])[case]
     err = raw_predict(server, inputs)
     assert isinstance(err, grpc.RpcError), f"{case} was answered: {err!r}"
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, err.code(), err.details())
     assert expected in err.details(), err.details()
     # ...and the server still answers good requests afterwards.
     assert json.loads(raw_predict(server, {"data": sample[0]}))["digit"] == sample[1]
+
+
+@pytest.mark.parametrize("make", [synthetic.photo_like, synthetic.canvas_like])
+def test_photo_and_canvas_digits_answered_like_mnist(server, mnist_test, trained_weights, make):
+    images, _ = mnist_test
+    expected = expected_digits(trained_weights, images[:10])
+    with DigitClient.for_run_dir(server.run_dir) as client:
+        answers = [client.predict(make(image.numpy())).digit for image in images[:10]]
+    agree = sum(a == e for a, e in zip(answers, expected, strict=True))
+    assert agree >= 9, (answers, expected)
 
 
 def test_base64_and_pixel_list_are_answered_like_the_png(server, sample, mnist_test):
@@ -118,7 +96,7 @@ def test_bad_request_in_a_batch_fails_alone(batching_server, mnist_test, trained
 
     def call(index: int) -> None:
         with DigitClient.for_run_dir(batching_server.run_dir) as client:
-            payload = b"garbage" if index % 3 == 0 else png_bytes(images[index].numpy())
+            payload = b"garbage" if index % 3 == 0 else synthetic.png(images[index].numpy())
             try:
                 results[index] = client.predict(payload).digit
             except ServingError as err:
@@ -154,7 +132,7 @@ def test_load_with_a_worker_killed_midway_loses_nothing(batching_server, mnist_t
                                                          trained_weights):
     """2,000 predictions, 16 callers, batching on; a worker is SIGKILLed after 500 answers."""
     images, _ = mnist_test
-    payloads = [png_bytes(image.numpy()) for image in images[:500]]
+    payloads = [synthetic.png(image.numpy()) for image in images[:500]]
     expected = expected_digits(trained_weights, images[:500])
     order = [i % 500 for i in range(2000)]
     done = []

@@ -50,7 +50,15 @@ MAX_IMAGE_BYTES = MAX_MESSAGE_BYTES - 4096
 
 
 class ServingError(Exception):
-    """A call to TorchServe failed; the message says why and what to do."""
+    """A call to TorchServe failed; the message says why and what to do.
+
+    ``code`` is the gRPC status name (e.g. ``INVALID_ARGUMENT``), or ``OK`` for an error
+    answer inside a batch, or ``""`` when the client refused before sending.
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class InvalidInputError(ServingError):
@@ -90,7 +98,7 @@ class Prediction:
     def from_json(cls, body: bytes) -> Prediction:
         answer = json.loads(body)
         if "error" in answer:
-            raise InvalidInputError(answer["error"])
+            raise InvalidInputError(answer["error"], "OK")
         return cls(answer["digit"], answer["probability"], answer["probabilities"],
                    answer.get("model_version", ""))
 
@@ -190,6 +198,15 @@ class DigitClient:
         request = self._prediction_request(image, version, model)
         reply = self._call(self.inference.Predictions, request, "inference",
                            model=model or self.model_name, version=version)
+        return Prediction.from_json(reply.prediction)
+
+    def predict_inputs(self, inputs: dict[str, bytes], version: str = "") -> Prediction:
+        """Predictions with a hand-made input map (to see what the server does with it)."""
+        request = inference_pb2.PredictionsRequest(
+            model_name=self.model_name, model_version=version, input=inputs
+        )
+        reply = self._call(self.inference.Predictions, request, "inference",
+                           model=self.model_name, version=version)
         return Prediction.from_json(reply.prediction)
 
     def _prediction_request(self, image: bytes | str | Path, version: str, model: str | None,
@@ -377,6 +394,11 @@ class DigitClient:
         return self.metadata(api) != sent
 
     def _translate(self, err: grpc.RpcError, model: str, version: str) -> ServingError:
+        error = self._explain(err, model, version)
+        error.code = err.code().name
+        return error
+
+    def _explain(self, err: grpc.RpcError, model: str, version: str) -> ServingError:
         code = err.code()
         details = (err.details() or "").split("\n")[0]
         target = f"{model} version {version}" if version else model

@@ -8,6 +8,7 @@ writes it as a PNG.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,10 +16,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from IPython.display import Markdown
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from PIL import Image
+
+from digitserve import preprocessing
 
 if TYPE_CHECKING:
     from digitserve.client import Prediction
@@ -33,38 +37,68 @@ def sample_digits(
 ) -> Figure:
     """A grid of digits with their labels: what the model learns from, as it is stored."""
     fig, axes = _grid(len(images), columns)
-    for ax, image, label in zip(axes, images, labels):
+    for ax, image, label in zip(axes, images, labels, strict=True):
         _show_digit(ax, image)
         ax.set_title(str(int(label)), fontsize=10)
     fig.suptitle(f"{len(images)} MNIST digits and their labels")
     return _finish(fig, save_to)
 
 
-def preprocessing_steps(
-    raw: torch.Tensor, normalized: torch.Tensor, model_input: torch.Tensor,
-    save_to: Path | None = None,
-) -> Figure:
-    """One digit at each stage: stored 28×28, MNIST-normalised 28×28, and the 3×96×96 model input.
+def preprocessing_steps(images: Sequence[torch.Tensor], save_to: Path | None = None) -> Figure:
+    """Each grey image at every stage of the kit's preprocessing: what the model is really given.
 
-    The three channels of the model input are identical (MobileNet expects colour), so one
-    channel is shown, with its value range after mean/std normalisation.
+    Columns: the image as given; ``normalize_digit``'s MNIST-style 28×28 digit; one channel of
+    ``to_model_input``'s 3×96×96 tensor (the three are equal: MobileNet expects colour).
     """
-    fig = Figure(figsize=(9, 3.4), layout="constrained")
-    axes = fig.subplots(1, 3)
-    _show_digit(axes[0], raw)
-    axes[0].set_title(f"stored: {_shape(raw)} {_dtype(raw)}\n0–255", fontsize=10)
-    _show_digit(axes[1], normalized)
-    axes[1].set_title(f"normalize_digit: {_shape(normalized)}\nbox 20×20, centred by mass",
-                      fontsize=10)
-    channel = model_input[0].numpy()
-    shown = axes[2].imshow(channel, cmap="gray")
-    axes[2].set_title(f"to_model_input: {_shape(model_input)} {_dtype(model_input)}\n"
-                      f"values {channel.min():.2f} … {channel.max():.2f}", fontsize=10)
-    axes[2].set_xticks([])
-    axes[2].set_yticks([])
-    fig.colorbar(shown, ax=axes[2], shrink=0.8)
+    fig = Figure(figsize=(9.5, 3.3 * len(images)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(images), 3))
+    for row, image in zip(axes, images, strict=True):
+        digit = torch.from_numpy(preprocessing.normalize_digit(image.numpy()))
+        model_input = preprocessing.to_model_input(digit[None])[0]
+        _show_digit(row[0], image)
+        row[0].set_title(f"given: {_shape(image)} {_dtype(image)}", fontsize=10)
+        _show_digit(row[1], digit)
+        row[1].set_title(f"normalize_digit: {_shape(digit)} {_dtype(digit)}\n"
+                         "light ink, 20×20 box, centred by mass", fontsize=10)
+        channel = model_input[0].numpy()
+        shown = row[2].imshow(channel, cmap="gray")
+        row[2].set_title(f"to_model_input: {_shape(model_input)} {_dtype(model_input)}\n"
+                         f"values {channel.min():.2f} … {channel.max():.2f}", fontsize=10)
+        row[2].set_xticks([])
+        row[2].set_yticks([])
+        fig.colorbar(shown, ax=row[2], shrink=0.8)
     fig.suptitle("What the model sees: the same preprocessing in training and in TorchServe")
     return _finish(fig, save_to)
+
+
+def as_sent_and_normalized(
+    payloads: Sequence[bytes], titles: Sequence[str], save_to: Path | None = None
+) -> Figure:
+    """Each image as a person sends it, beside the 28×28 digit the handler makes of it."""
+    fig = Figure(figsize=(6.5, 3.0 * len(payloads)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(payloads), 2))
+    for row, payload, title in zip(axes, payloads, titles, strict=True):
+        with Image.open(io.BytesIO(payload)) as sent:
+            shown = sent.convert("RGBA")
+            row[0].set_title(f"{title}\n{sent.width}×{sent.height} {sent.mode}", fontsize=10)
+        checker = np.indices(shown.size[::-1]).sum(axis=0) // 16 % 2 * 40 + 200
+        row[0].imshow(checker, cmap="gray", vmin=0, vmax=255)  # shows transparency
+        row[0].imshow(np.asarray(shown))
+        row[0].set_xticks([])
+        row[0].set_yticks([])
+        _show_digit(row[1], torch.from_numpy(preprocessing.digit_from_payload(payload)))
+        row[1].set_title("what the model sees (28×28)", fontsize=10)
+    return _finish(fig, save_to)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> Markdown:
+    """Rows shown as a table in a notebook (``|`` in cells escaped)."""
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return Markdown("\n".join(lines))
 
 
 def training_curves(metrics: dict, save_to: Path | None = None) -> Figure:
@@ -82,16 +116,16 @@ def training_curves(metrics: dict, save_to: Path | None = None) -> Figure:
         accuracy_ax.plot(epochs, [100 * row[f"{split}_accuracy"] for row in history], style,
                          label=split)
     loss_ax.set(title="cross-entropy loss", xlabel="epoch", ylabel="loss")
-    accuracy_ax.set(title="accuracy", xlabel="epoch", ylabel="% correct")
     final = 100 * history[-1]["test_accuracy"]
-    accuracy_ax.annotate(f"test {final:.2f} %", (epochs[-1], final), textcoords="offset points",
-                         xytext=(-10, -18), ha="right")
+    accuracy_ax.set(title=f"accuracy (test, last epoch: {final:.2f} %)", xlabel="epoch",
+                    ylabel="% correct")
     for ax in (loss_ax, accuracy_ax):
         ax.set_xticks(epochs)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Training on {metrics['train_images']:,} images, "
-                 f"{len(epochs)} epoch(s), {metrics['wall_time_s']:.0f} s on {metrics['device']}")
+    fig.suptitle(f"Training on {metrics['train_images']:,} images, {len(epochs)} "
+                 f"epoch{'s' if len(epochs) > 1 else ''}, {metrics['wall_time_s']:.0f} s "
+                 f"on {metrics['device']}")
     return _finish(fig, save_to)
 
 
@@ -125,13 +159,14 @@ def misclassified(
     confidence = probabilities[wrong, predicted[wrong]]
     shown = wrong[confidence.argsort(descending=True)][:max_n]
     fig, axes = _grid(max(len(shown), 1), columns)
-    for ax, index in zip(axes, shown.tolist()):
+    if not len(shown):
+        axes[0].axis("off")
+        axes[0].set_title("no mistakes")
+    for ax, index in zip(axes[: len(shown)], shown.tolist(), strict=True):
         _show_digit(ax, images[index])
         ax.set_title(f"true {int(labels[index])} → {int(predicted[index])}\n"
                      f"{100 * probabilities[index, predicted[index]]:.0f} % sure",
                      fontsize=9, color=WRONG_COLOR)
-    if not len(shown):
-        axes[0].set_title("no mistakes")
     fig.suptitle(f"{len(shown)} of {len(wrong):,} misclassified digits, most confident first")
     return _finish(fig, save_to)
 
@@ -143,7 +178,8 @@ def predictions_grid(
     """Each image beside the served model's answer; wrong answers get a red title."""
     fig, axes = _grid(len(predictions), columns)
     n_correct = 0
-    for ax, image, truth, prediction in zip(axes, images_or_paths, true_labels, predictions):
+    cells = zip(axes, images_or_paths, true_labels, predictions, strict=True)
+    for ax, image, truth, prediction in cells:
         right = prediction.digit == truth
         n_correct += right
         _show_digit(ax, image)
@@ -157,7 +193,7 @@ def _grid(n: int, columns: int) -> tuple[Figure, list[Axes]]:
     """A figure of ``n`` image cells in rows of ``columns``; unused cells are hidden."""
     columns = min(columns, n)
     rows = math.ceil(n / columns)
-    fig = Figure(figsize=(CELL_INCHES * columns, 1.5 * CELL_INCHES * rows + 0.4),
+    fig = Figure(figsize=(CELL_INCHES * columns, 1.3 * CELL_INCHES * rows + 0.4),
                  layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, columns)).flatten().tolist()
     for ax in axes[n:]:

@@ -1,0 +1,226 @@
+"""The lesson notebooks: committed clean, and each one runs at QUICK=True and records its figures.
+
+The notebook runs write into temporary folders (build, model store, run directory) and use
+shifted ports, so they never touch a user's artifacts or a server the user has running.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+import time
+from dataclasses import astuple
+from pathlib import Path
+
+import nbformat
+import papermill
+import psutil
+import pytest
+
+from digitserve import notebooks
+from digitserve.config import ARCHIVE_NAME, Ports
+from digitserve.server import port_is_free
+from digitserve.train import QUICK_SETTINGS
+
+#: Every notebook in the folder, lessons or not: none may be committed with outputs.
+NOTEBOOK_PATHS = sorted(notebooks.NOTEBOOKS_DIR.glob("*.ipynb"))
+#: Port offsets tried for the test server: multiples of 100 from 1,000 up.
+PORT_OFFSETS = range(1000, 20000, 100)
+#: A notebook cell may take this long at QUICK=True before the run fails; a whole notebook twice.
+CELL_TIMEOUT_S = 900
+NOTEBOOK_TIMEOUT_S = 2 * CELL_TIMEOUT_S
+
+
+# -- the committed files ------------------------------------------------------------------------
+@pytest.mark.unit
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda path: path.name)
+def test_notebook_is_committed_clean(path: Path) -> None:
+    """No outputs, no execution counts, the kit's kernel, one literals-only parameters cell."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == notebooks.KERNEL_NAME
+    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    for cell in code_cells:
+        assert cell.outputs == [], f"{path.name} has outputs: run `nbstripout {path}`"
+        assert cell.execution_count is None, f"{path.name} has execution counts"
+    tagged = [cell for cell in nb.cells if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    assert tagged[0].cell_type == "code"
+    values = {}
+    for statement in ast.parse(tagged[0].source).body:
+        assert isinstance(statement, ast.Assign) and len(statement.targets) == 1, (
+            f"{path.name}: the parameters cell holds only `NAME = literal` lines"
+        )
+        target = statement.targets[0]
+        assert isinstance(target, ast.Name) and target.id.isupper(), ast.unparse(statement)
+        values[target.id] = ast.literal_eval(statement.value)  # raises on a non-literal
+    assert list(values)[0] == "QUICK" and values["QUICK"] is False, (
+        f"{path.name}: the parameters cell starts with QUICK = False"
+    )
+
+
+# -- running them -------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def isolated_kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Point every artifact and port of the kit elsewhere; return the temporary build folder.
+
+    Set in this process's environment before papermill starts a kernel: the kernel inherits it
+    and ``digitserve.config`` reads it when the kernel imports the package.
+    """
+    root = tmp_path_factory.mktemp("kit")
+    offset = next(
+        (offset for offset in PORT_OFFSETS
+         if all(port_is_free(port + offset) for port in astuple(Ports()))),
+        None,
+    )
+    if offset is None:
+        pytest.fail(f"no port offset in {PORT_OFFSETS} leaves TorchServe's five ports free")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DIGITSERVE_BUILD_DIR", str(root / "build"))
+    patch.setenv("DIGITSERVE_MODEL_STORE", str(root / "model_store"))
+    patch.setenv("DIGITSERVE_RUN_DIR", str(root / "run"))
+    patch.setenv("DIGITSERVE_PORT_OFFSET", str(offset))
+    yield root / "build"
+    patch.undo()
+
+
+def check_01_train(metrics: dict) -> None:
+    assert metrics["test_accuracy"] >= 0.95
+    assert metrics["epochs"] == QUICK_SETTINGS.epochs
+    assert metrics["train_images"] == QUICK_SETTINGS.train_limit
+    assert metrics["wall_time_s"] > 0
+
+
+def check_02_archive(metrics: dict) -> None:
+    assert Path(metrics["mar"]).is_file()
+    assert {"model.py", "handler.py", "preprocessing.py"} <= set(metrics["files"])
+    assert metrics["model_name"] == "digitmodel"
+
+
+def check_03_serve(metrics: dict) -> None:
+    assert metrics["health"] == "Healthy"
+    assert metrics["stopped"] is True
+    assert_no_server_left()
+
+
+def check_04_grpc_client(metrics: dict) -> None:
+    wrong = [p for p in metrics["predictions"] if p["digit"] != p["true"]]
+    assert metrics["n_samples"] == 20 and not wrong, f"wrong predictions: {wrong}"
+    assert metrics["all_correct"] is True
+    assert "not an image" in metrics["bad_input_error"]
+    assert metrics["stopped"] is True
+    assert_no_server_left()
+
+
+def assert_no_server_left(grace_s: float = 15) -> None:
+    """No process may still belong to the test run directory once a stop has had time to end.
+
+    The launcher and Java name the run directory's config file on their command line; the
+    Python workers do not, but they inherit the private ``TMPDIR`` the kit gives each server.
+    """
+    deadline = time.monotonic() + grace_s
+    while (left := server_processes(os.environ["DIGITSERVE_RUN_DIR"])) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    assert not left, "TorchServe processes outlived the notebook:\n" + "\n".join(left)
+
+
+def server_processes(run_dir: str) -> list[str]:
+    """Live processes of a TorchServe started from ``run_dir``, as ``pid: command`` lines."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
+        cmdline = proc.info["cmdline"] or []
+        tmpdir = (proc.info["environ"] or {}).get("TMPDIR", "")
+        if tmpdir.startswith(run_dir) or any(run_dir in part for part in cmdline):
+            found.append(f"{proc.info['pid']}: {' '.join(cmdline)[:120]}")
+    return found
+
+
+def check_05_robust_serving(metrics: dict) -> None:
+    for name, answer in metrics["real_world"].items():
+        assert answer["predicted"] == answer["true"], (name, answer)
+    statuses = {row["input"]: row["status"] for row in metrics["bad_inputs"]}
+    assert set(statuses.values()) == {"INVALID_ARGUMENT"}, statuses
+    assert all(row["message"] for row in metrics["bad_inputs"])
+    assert metrics["no_token_status"] == "PERMISSION_DENIED"
+    assert metrics["errors"] == 0 and metrics["same_digits"] is True
+    assert metrics["largest_probability_gap"] < 1e-3
+    assert_no_server_left()
+
+
+CHECKS = {
+    "01_train": check_01_train,
+    "02_archive": check_02_archive,
+    "03_serve": check_03_serve,
+    "04_grpc_client": check_04_grpc_client,
+    "05_robust_serving": check_05_robust_serving,
+}
+#: The first notebook whose run failed: the ones after it are skipped, not failed again.
+_failed: list[str] = []
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(NOTEBOOK_TIMEOUT_S)
+@pytest.mark.parametrize("name", notebooks.NOTEBOOKS)
+def test_notebook_runs_quick(name: str, isolated_kit: Path) -> None:
+    """Run one lesson at QUICK=True (in order: each uses what the one before made)."""
+    if _failed:
+        pytest.skip(f"{_failed[0]} failed, and {name} needs what it makes")
+    _failed.append(name)
+    started = time.time()
+    executed = notebooks.run_notebook(name, quick=True, out_dir=isolated_kit / "notebooks",
+                                      timeout_s=CELL_TIMEOUT_S)
+    assert executed.is_file()
+    stem = Path(name).stem
+    metrics_file = isolated_kit / "metrics" / f"{stem}.json"
+    assert metrics_file.is_file(), f"{name} ran but wrote no {metrics_file}"
+    assert metrics_file.stat().st_mtime >= started, f"{metrics_file} is stale"
+    metrics = notebooks.read_metrics(stem, metrics_dir=isolated_kit / "metrics")
+    assert metrics["recorded_at"] >= started
+    assert metrics["quick"] is True
+    assert Path(metrics["python"]).is_relative_to(sys.prefix), (
+        f"{name} ran on {metrics['python']}, not on this environment's Python ({sys.prefix})"
+    )
+    CHECKS[stem](metrics)
+    _failed.remove(name)
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize(("name", "first"), [
+    ("02_archive.ipynb", "01_train.ipynb"),
+    ("03_serve.ipynb", "02_archive.ipynb"),
+    ("04_grpc_client.ipynb", "02_archive.ipynb"),
+])
+def test_notebook_names_what_to_run_first(
+    name: str, first: str, isolated_kit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run alone with nothing built, a lesson fails saying which notebook makes its input."""
+    monkeypatch.setenv("DIGITSERVE_BUILD_DIR", str(tmp_path / "build"))
+    monkeypatch.setenv("DIGITSERVE_MODEL_STORE", str(tmp_path / "model_store"))
+    with pytest.raises(notebooks.NotebookError, match=f"run notebooks/{first}"):
+        notebooks.run_notebook(name, quick=True, out_dir=tmp_path / "notebooks", timeout_s=120)
+
+
+@pytest.mark.notebook
+def test_failed_notebook_still_stops_its_server(
+    isolated_kit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cell fails while TorchServe runs: the kernel's exit (``atexit``) still stops it."""
+    monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "1")
+    if not (Path(os.environ["DIGITSERVE_MODEL_STORE"]) / f"{ARCHIVE_NAME}.mar").is_file():
+        pytest.skip("needs the archive notebook 02 makes: run the whole module")
+    nb = nbformat.read(notebooks.NOTEBOOKS_DIR / "04_grpc_client.ipynb", as_version=4)
+    start = next(i for i, cell in enumerate(nb.cells)
+                 if cell.cell_type == "code" and ".start(" in cell.source)
+    nb.cells.insert(start + 1, nbformat.v4.new_code_cell("raise RuntimeError('a cell failed')"))
+    failing = tmp_path / "04_failing.ipynb"
+    nbformat.write(nb, failing)
+    with pytest.raises(papermill.PapermillExecutionError, match="a cell failed"):
+        papermill.execute_notebook(
+            str(failing), str(tmp_path / "executed.ipynb"), parameters={"QUICK": True},
+            kernel_name=notebooks.KERNEL_NAME, execution_timeout=CELL_TIMEOUT_S,
+            cwd=str(notebooks.NOTEBOOKS_DIR), progress_bar=False,
+        )
+    assert_no_server_left()
