@@ -192,6 +192,7 @@ def test_notebook_runs_quick(name: str, isolated_kit: Path) -> None:
     ("02_archive.ipynb", "01_train.ipynb"),
     ("03_serve.ipynb", "02_archive.ipynb"),
     ("04_grpc_client.ipynb", "02_archive.ipynb"),
+    ("05_robust_serving.ipynb", "02_archive.ipynb"),
 ])
 def test_notebook_names_what_to_run_first(
     name: str, first: str, isolated_kit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
