@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Jupyter looks in the project's environment before a user's own kernels.
 export JUPYTER_PREFER_ENV_PATH := 1
 
-.PHONY: env demo test lab lint lock clean
+.PHONY: env demo test bench report lab lint lock clean
 
 env: $(STAMP)
 
@@ -26,6 +26,12 @@ demo: env
 
 test: env
 	$(BIN)/python -m pytest
+
+bench: env
+	$(BIN)/digitserve bench
+
+report: env
+	$(BIN)/digitserve report
 
 lab: env
 	$(BIN)/digitserve data

@@ -197,6 +197,7 @@ class TorchServe:
         self.settings = settings
         self.run_dir = Path(settings.run_dir)
         self.process: subprocess.Popen | None = None
+        self._log_offsets = [0, 0]
 
     @property
     def key_file(self) -> Path:
@@ -233,6 +234,7 @@ class TorchServe:
         os.chmod(self.run_dir, 0o700)
         (self.run_dir / "tmp").mkdir(exist_ok=True)
         self.key_file.unlink(missing_ok=True)
+        self._log_offsets = [p.stat().st_size if p.is_file() else 0 for p in self._log_paths()]
         config = self.run_dir / "config.properties"
         config.write_text(config_properties(self.settings))
         env = self._environment(java)
@@ -268,6 +270,19 @@ class TorchServe:
             raise
         return self
 
+    def _log_paths(self) -> tuple[Path, Path]:
+        return self.log_file, self.run_dir / "logs" / "model_log.log"
+
+    def _new_log_text(self) -> str:
+        """What the logs gained since this start (earlier runs append to the same files)."""
+        text = ""
+        for path, offset in zip(self._log_paths(), self._log_offsets, strict=True):
+            if path.is_file():
+                with open(path, "rb") as log:
+                    log.seek(offset)
+                    text += log.read().decode(errors="replace")
+        return text
+
     def _environment(self, java: Java) -> dict[str, str]:
         env = dict(os.environ)
         if java.home:
@@ -296,6 +311,10 @@ class TorchServe:
                     f"TorchServe exited with code {self.process.returncode} while starting.\n"
                     f"Last lines of {self.log_file}:\n{tail(self.log_file)}"
                 )
+            diagnosis = diagnose_log(self._new_log_text())
+            if diagnosis:
+                raise ServerError(f"{diagnosis}\nLast lines of {self.log_file}:\n"
+                                  f"{tail(self.log_file)}")
             if self.key_file.exists() or not self.settings.token_auth:
                 try:
                     with DigitClient.for_run_dir(self.run_dir, deadline_s=5) as client:
@@ -407,6 +426,25 @@ def free_ports() -> Ports:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def diagnose_log(text: str) -> str | None:
+    """A plain explanation when log text shows a worker that can never start, else None.
+
+    A handler that fails to import makes TorchServe restart its worker for ever ("Worker
+    died"), so waiting longer never helps.
+    """
+    missing = re.search(r"No module named '([^']+)'", text)
+    if missing:
+        return (
+            f"TorchServe's worker died: the handler imports '{missing.group(1)}', which is not "
+            "installed in the environment TorchServe runs in. Add it to pyproject.toml (and "
+            "`make env`), or ship the module in the .mar with --extra-files."
+        )
+    if text.count("Worker died") >= 3:
+        return ("TorchServe's worker keeps dying while loading the model (see the traceback "
+                "in logs/model_log.log): fix the handler or the model file and archive again.")
+    return None
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -28,12 +28,33 @@ class TrainSettings:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     batchnorm_momentum: float = 0.1
+    #: Small random rotations, shifts and zooms of each training digit (the second version).
+    augment: bool = False
     #: Train on only the first N training images (None: all 60,000); the quick setting uses this.
     train_limit: int | None = None
     seed: int = 0
 
 
 QUICK_SETTINGS = TrainSettings(epochs=1, train_limit=20_000)
+
+
+def augment(digits: torch.Tensor, degrees: float = 10, shift: float = 0.08, zoom: float = 0.1
+            ) -> torch.Tensor:
+    """Give each uint8 digit (N, 28, 28) its own small rotation, shift and zoom.
+
+    ``v2.RandomAffine`` draws one transform per call, so a batch would need a Python loop of
+    one call per digit (slow on a small CPU); one ``affine_grid``/``grid_sample`` does them all.
+    """
+    n = len(digits)
+    angle = torch.deg2rad((torch.rand(n) * 2 - 1) * degrees)
+    scale = 1 + (torch.rand(n) * 2 - 1) * zoom
+    offset = (torch.rand(n, 2) * 2 - 1) * shift * 2  # grid coordinates span 2 per image side
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1),
+                         torch.stack([sin, cos, offset[:, 1]], 1)], 1)
+    grid = nn.functional.affine_grid(theta, [n, 1, *digits.shape[1:]], align_corners=False)
+    moved = nn.functional.grid_sample(digits[:, None].float(), grid, align_corners=False)
+    return moved[:, 0].round().clamp(0, 255).to(torch.uint8)
 
 
 def pick_device() -> torch.device:
@@ -82,7 +103,10 @@ def train(
         loss_sum = 0.0
         bar = tqdm(order.split(settings.batch_size), desc=f"epoch {epoch}/{settings.epochs}")
         for batch in bar:
-            inputs = to_model_input(train_x[batch]).to(device, memory_format=torch.channels_last)
+            digits = train_x[batch]
+            if settings.augment:
+                digits = augment(digits)
+            inputs = to_model_input(digits).to(device, memory_format=torch.channels_last)
             labels = train_y[batch].to(device)
             logits = model(inputs)
             loss = loss_fn(logits, labels)
