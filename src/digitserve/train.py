@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from digitserve.config import DATA_DIR, TRAIN_METRICS_PATH, WEIGHTS_PATH
 from digitserve.data import load_normalized
 from digitserve.evaluate import predict_logits
 from digitserve.model import DigitCNN
 from digitserve.preprocessing import to_model_input
+from digitserve.progress import progress
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def train(
         order = torch.randperm(len(train_x), generator=generator)
         seen = correct = 0
         loss_sum = 0.0
-        bar = tqdm(order.split(settings.batch_size), desc=f"epoch {epoch}/{settings.epochs}")
+        bar = progress(order.split(settings.batch_size), desc=f"epoch {epoch}/{settings.epochs}")
         for batch in bar:
             digits = train_x[batch]
             if settings.augment:
