@@ -1,4 +1,4 @@
-"""Unit tests of the server module's pure parts: config.properties, Java discovery, log diagnosis."""
+"""Unit tests of the server module: config.properties, Java discovery, log diagnosis."""
 
 from __future__ import annotations
 

@@ -34,12 +34,15 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.enable_retries", 1),
-    # Predictions are idempotent: retry them when a worker is briefly UNAVAILABLE (restarting).
+    # Predictions are idempotent: retry them when no worker can take them right now: TorchServe
+    # answers UNAVAILABLE while workers restart and RESOURCE_EXHAUSTED "Worker died." for a
+    # request whose worker was killed under it. (Oversized requests are refused before sending.)
     ("grpc.service_config", json.dumps({"methodConfig": [{
         "name": [{"service": "org.pytorch.serve.grpc.inference.InferenceAPIsService",
                   "method": "Predictions"}],
         "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]},
     }]})),
 )
 
@@ -425,6 +428,11 @@ class DigitClient:
             )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineError(f"no answer within {self.deadline_s} s from TorchServe")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "worker died" in details.lower():
+            return ServerUnavailableError(
+                f"the worker handling this request died ({details}); TorchServe restarts it: "
+                "try again, and see logs/model_log.log in the run directory if it repeats."
+            )
         if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED):
             return RequestTooLargeError(
                 f"{code.name}: {details or 'the message is over a size limit'}; the limit is "

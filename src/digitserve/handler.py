@@ -9,15 +9,30 @@ StreamPredictions first gets ``{"stage": "top3", "top": [...]}`` (the three like
 as an intermediate response, then the full answer. Only ask for it on StreamPredictions: a unary
 Predictions call completes with the first response it gets.
 
+Open Inference Protocol (KServe v2): with ``ts_open_inference_protocol=true`` TorchServe also
+answers ``GRPCInferenceService/ModelInfer`` on the inference port and hands the handler
+``{"body": {"id", "model_name", "inputs": [{"name", "shape", "datatype", "data"}]}}`` (BYTES
+contents arrive base64-encoded, numbers as flat lists). Such a request holds one image: one BYTES
+element (image bytes or JSON pixel text), or a pixel tensor of shape (28, 28) or (1, 28, 28).
+Its answer is a KServe v2 response, ``{"id", "model_name", "model_version", "outputs"}``, with
+the outputs ``digit`` (INT64 [1]), ``probability`` (FP32 [1]) and ``probabilities`` (FP32 [10]).
+
+Customized DescribeModel (``customized=True``) gets what the handler expects and answers, from
+``describe_handle``: TorchServe puts it in the description as ``customizedMetadata``.
+
 Errors: a request that is alone in its batch and cannot be read raises
 ``PredictionException(message, 400)``, which TorchServe sends over gRPC as INVALID_ARGUMENT.
 Inside a batch of several, TorchServe 0.12.0's gRPC frontend ignores per-request status codes,
 so a bad request gets the JSON body ``{"error": message, "code": 400}`` (its REST status is 400)
 and its neighbours are answered normally; the kit's client raises the same exception for both.
+A bad OIP request inside a batch gets a KServe v2 answer whose only output is ``error`` (BYTES),
+because TorchServe turns every OIP answer into a ``ModelInferResponse``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 
@@ -37,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: Keys a request may carry its image under: gRPC's input map and REST's raw body.
 PAYLOAD_KEYS = ("data", "body")
+#: Open Inference Protocol datatypes a pixel tensor may have (BYTES carries an encoded image).
+OIP_PIXEL_TYPES = ("UINT8", "UINT16", "UINT32", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
 
 
 class DigitHandler(BaseHandler):
@@ -50,6 +67,8 @@ class DigitHandler(BaseHandler):
 
     def handle(self, data: list[dict], context) -> list[str]:
         """Answer every request of the batch; a bad request fails alone."""
+        if context.get_request_header(0, "describe") == "True":
+            return [json.dumps(self.describe_handle())]
         try:
             digits, errors = read_batch(data)
         except Exception as err:  # noqa: BLE001 - anything unforeseen still gets a message
@@ -70,7 +89,46 @@ class DigitHandler(BaseHandler):
         for index, message in errors.items():
             context.set_response_status(400, message, idx=index)
             answers[index] = {"error": message, "code": 400}
+        for index, request in enumerate(data):
+            if is_oip(request):
+                answers[index] = self.oip_answer(request["body"], answers[index],
+                                                 context.request_ids[index])
         return [json.dumps(answers[i]) for i in range(len(data))]
+
+    def oip_answer(self, body: dict, answer: dict, request_id: str) -> dict:
+        """The KServe v2 response for one OIP request (its ``id`` echoed, else TorchServe's)."""
+        if "error" in answer:
+            outputs = [_tensor("error", "BYTES", [answer["error"]])]
+        else:
+            outputs = [
+                _tensor("digit", "INT64", [answer["digit"]]),
+                _tensor("probability", "FP32", [answer["probability"]]),
+                _tensor("probabilities", "FP32", answer["probabilities"]),
+            ]
+        return {
+            "id": body.get("id") or request_id,
+            "model_name": body.get("model_name", ""),
+            "model_version": self.version,
+            "outputs": outputs,
+        }
+
+    def describe_handle(self) -> dict:
+        """What DescribeModel(customized=True) shows: the request and answer this handler knows."""
+        return {
+            "model_version": self.version,
+            "input": "one image per request under 'data': PNG/JPEG/BMP/GIF/WebP/TIFF bytes, "
+                     "base64 text, or a JSON list of pixel rows (0-255 or 0-1)",
+            "output": {"digit": "0-9, the argmax", "probability": "of that digit",
+                       "probabilities": "softmax over the ten digits"},
+            "open_inference_protocol": {
+                "input": "one BYTES element (an image), or a pixel tensor [28, 28] / [1, 28, 28]",
+                "outputs": {"digit": "INT64 [1]", "probability": "FP32 [1]",
+                            "probabilities": "FP32 [10]"},
+            },
+            "streaming": "StreamPredictions with the input key 'stream': top3, then the answer",
+            "preprocessing": {"image_size": preprocessing.IMAGE_SIZE,
+                              "mean": preprocessing.MNIST_MEAN, "std": preprocessing.MNIST_STD},
+        }
 
     @torch.inference_mode()
     def predict_probabilities(self, digits: torch.Tensor) -> torch.Tensor:
@@ -106,11 +164,15 @@ def read_batch(data: list[dict]) -> tuple[dict, dict]:
             digits[index] = preprocessing.digit_from_payload(payload_of(request))
         except preprocessing.InvalidInput as err:
             errors[index] = str(err)
+        except Exception as err:  # noqa: BLE001 - one unreadable request must not fail the batch
+            errors[index] = f"the handler could not read this request ({type(err).__name__}: {err})"
     return digits, errors
 
 
 def payload_of(request: dict) -> object:
     """The image in one request, or an error that names the keys that came and those expected."""
+    if is_oip(request):
+        return oip_payload(request["body"])
     for key in PAYLOAD_KEYS:
         if key in request and request[key] is not None:
             return request[key]
@@ -119,3 +181,47 @@ def payload_of(request: dict) -> object:
         f"no image in the request: expected the key 'data' (gRPC input map) or a request body; "
         f"keys received: {came}"
     )
+
+
+def is_oip(request: dict) -> bool:
+    """True for an Open Inference Protocol request: a JSON body with a list of input tensors."""
+    body = request.get("body")
+    return isinstance(body, dict) and isinstance(body.get("inputs"), list)
+
+
+def oip_payload(body: dict) -> object:
+    """The image of an OIP request: image bytes (from BYTES) or a list of pixel rows."""
+    inputs = body["inputs"]
+    if len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise preprocessing.InvalidInput(
+            f"an Open Inference Protocol request must hold exactly one input tensor; "
+            f"it holds {len(inputs)}"
+        )
+    tensor = inputs[0]
+    datatype, data = tensor.get("datatype"), tensor.get("data") or []
+    if datatype == "BYTES":
+        if len(data) != 1:
+            raise preprocessing.InvalidInput(
+                f"the BYTES input holds {len(data)} elements: send one image per request"
+            )
+        try:  # TorchServe base64-encodes BYTES contents before they reach the handler
+            return base64.b64decode(data[0], validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            raise preprocessing.InvalidInput("the BYTES input is not base64 image data") from None
+    if datatype not in OIP_PIXEL_TYPES:
+        raise preprocessing.InvalidInput(
+            f"input datatype {datatype!r} is not supported: send BYTES (an image) or a pixel "
+            f"tensor of one of {', '.join(OIP_PIXEL_TYPES)}"
+        )
+    shape = [int(size) for size in tensor.get("shape") or []]
+    rows = [size for size in shape if size != 1] if len(shape) > 2 else shape
+    if len(rows) != 2 or rows[0] * rows[1] != len(data):
+        raise preprocessing.InvalidInput(
+            f"the pixel tensor has shape {shape} and {len(data)} values: expected one image, "
+            "shape [28, 28] or [1, 28, 28], with as many values as the shape says"
+        )
+    return np.asarray(data).reshape(rows).tolist()
+
+
+def _tensor(name: str, datatype: str, data: list) -> dict:
+    return {"name": name, "datatype": datatype, "shape": [len(data)], "data": data}

@@ -173,7 +173,7 @@ def _is_base64_head(head: bytes) -> bool:
 def _open_image(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InvalidInput(
             f"the {len(data)} bytes sent are not an image PIL can read "
             "(PNG, JPEG, BMP, GIF, WebP, TIFF)"

@@ -292,6 +292,9 @@ class TorchServe:
             env["PATH"] = f"{Path(java.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # A private TMPDIR gives this server its own pid file, so several can run side by side.
         env["TMPDIR"] = str(self.run_dir / "tmp")
+        # TorchServe puts its worker sockets in Java's temp dir, which it takes from $TEMP:
+        # without this, every server on the host would share /tmp/.ts.sock.9000.
+        env["TEMP"] = str(self.run_dir / "tmp")
         workers = sum(spec.workers for spec in self.settings.models)
         threads = self.settings.torch_threads or max(1, (os.cpu_count() or 1) // workers)
         env["OMP_NUM_THREADS"] = str(threads)

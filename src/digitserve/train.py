@@ -28,6 +28,8 @@ class TrainSettings:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     batchnorm_momentum: float = 0.1
+    #: Training images over which BatchNorm statistics are recomputed before each evaluation.
+    batchnorm_images: int = 4096
     #: Small random rotations, shifts and zooms of each training digit (the second version).
     augment: bool = False
     #: Train on only the first N training images (None: all 60,000); the quick setting uses this.
@@ -36,6 +38,18 @@ class TrainSettings:
 
 
 QUICK_SETTINGS = TrainSettings(epochs=1, train_limit=20_000)
+
+
+def recalibrate_batchnorm(model: nn.Module, digits: torch.Tensor, device: torch.device,
+                          batch_size: int = 256) -> None:
+    """Recompute BatchNorm's running statistics with the final weights ("precise BN").
+
+    During training they are a moving average over weights that kept changing; after a short
+    run they lag so far behind that the model in eval mode answers one digit for everything.
+    """
+    batches = (to_model_input(chunk).to(device, memory_format=torch.channels_last)
+               for chunk in digits.split(batch_size))
+    torch.optim.swa_utils.update_bn(batches, model)
 
 
 def augment(digits: torch.Tensor, degrees: float = 10, shift: float = 0.08, zoom: float = 0.1
@@ -118,6 +132,7 @@ def train(
             loss_sum += loss.item() * len(batch)
             correct += (logits.argmax(1) == labels).sum().item()
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        recalibrate_batchnorm(model, train_x[: settings.batchnorm_images], device)
         test_logits = predict_logits(model, test_x, device=device)
         history.append(
             {

@@ -1,0 +1,169 @@
+"""Shared fixtures: one small real model, one real .mar, real TorchServe servers.
+
+Weights, archives and run directories live under pytest's temporary directories, never in
+build/ or model_store/ (``train`` itself keeps its normalised-MNIST cache under data/MNIST).
+Every TorchServe this session starts is recorded by the id of its process group, and the
+session fails if any of its processes is still alive at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from digitserve import archive, data, train
+from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports
+
+#: Command-line fragments of TorchServe's Java frontend and of its Python model workers.
+SERVER_MARKERS = ("org.pytorch.serve.ModelServer", "model_service_worker")
+
+#: Process-group ids (the leader's pid) of every TorchServe this session started.
+_STARTED_GROUPS: set[int] = set()
+#: The marker processes seen in those groups while they ran (psutil.Process remembers the
+#: creation time, so a recycled pid is not mistaken for one of ours).
+_SEEN_PROCESSES: dict[int, psutil.Process] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unit: fast, in-process, no server")
+    config.addinivalue_line("markers", "integration: starts a real TorchServe (Java, gRPC)")
+    # Used by test_notebooks.py; registered here because pyproject.toml sets --strict-markers.
+    config.addinivalue_line("markers", "notebook: executes a notebook end to end (slow)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the fast unit tests first, so ``-x`` stops before any server is started."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("unit") else 1)
+
+
+def server_processes(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) TorchServe frontend or worker processes in process group ``pgid``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if os.getpgid(proc.pid) != pgid or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+        except (ProcessLookupError, psutil.Error):
+            continue
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if any(marker in cmdline for marker in SERVER_MARKERS):
+            found.append(proc)
+    return found
+
+
+def record_server_group(pgid: int) -> None:
+    """Remember a TorchServe process group started by this session, and its processes now."""
+    _STARTED_GROUPS.add(pgid)
+    for proc in server_processes(pgid):
+        _SEEN_PROCESSES[proc.pid] = proc
+
+
+def _leftovers() -> list[psutil.Process]:
+    left = {proc.pid: proc for pgid in _STARTED_GROUPS for proc in server_processes(pgid)}
+    for pid, proc in _SEEN_PROCESSES.items():
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                left[pid] = proc
+        except psutil.Error:
+            continue
+    return list(left.values())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session when a TorchServe process it started outlived it (then end those)."""
+    deadline = time.monotonic() + 15
+    left = _leftovers()
+    while left and time.monotonic() < deadline:  # a stop may still be winding down
+        time.sleep(0.5)
+        left = _leftovers()
+    if not left:
+        return
+    lines = []
+    for proc in left:
+        try:
+            lines.append(f"  pid {proc.pid}: {' '.join(proc.cmdline())[:160]}")
+        except psutil.Error:
+            lines.append(f"  pid {proc.pid}")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = "\nTorchServe processes started by this test session are still running:\n"
+    if reporter:
+        reporter.write_line(message + "\n".join(lines), red=True)
+    for pgid in _STARTED_GROUPS:  # clean up only the groups this session started
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def server_group_recorder():
+    """The function tests call with the process-group id of a server they start themselves."""
+    return record_server_group
+
+
+@pytest.fixture(scope="session")
+def mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
+    """The real MNIST test set: uint8 images (10000, 28, 28) and labels."""
+    return data.load_split(train=False)
+
+
+@pytest.fixture(scope="session")
+def trained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real DigitCNN trained once per session (1 epoch on 6,000 images).
+
+    ``digitcnn.metrics.json`` beside the weights holds what ``train`` reported.
+    """
+    out = tmp_path_factory.mktemp("weights")
+    weights = out / "digitcnn.pt"
+    metrics = train.train(
+        train.TrainSettings(epochs=1, train_limit=6000, batch_size=128),
+        weights_path=weights,
+        metrics_path=out / "digitcnn.metrics.json",
+    )
+    assert weights.is_file(), metrics
+    return weights
+
+
+@pytest.fixture(scope="session")
+def model_store(trained_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding ``digit-model.mar`` built from the session's weights."""
+    store = tmp_path_factory.mktemp("model_store")
+    mar = archive.build_archive(trained_weights, model_store=store)
+    assert mar.is_file()
+    return store
+
+
+def _start_server(run_dir: Path, store: Path, spec: ModelSpec) -> TorchServe:
+    server = TorchServe(ServerSettings(
+        ports=free_ports(), run_dir=run_dir, model_store=store, models=(spec,)
+    ))
+    server.start()  # on failure it has already stopped what it started
+    record_server_group(server.process.pid)
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real TorchServe serving the session's model, one request per batch."""
+    ts = _start_server(tmp_path_factory.mktemp("run"), model_store, ModelSpec(batch_size=1))
+    yield ts
+    ts.stop()
+
+
+@pytest.fixture(scope="session")
+def batching_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A second TorchServe that batches up to 8 requests arriving within 50 ms."""
+    ts = _start_server(
+        tmp_path_factory.mktemp("run_batching"),
+        model_store,
+        ModelSpec(batch_size=8, max_batch_delay_ms=50),
+    )
+    yield ts
+    ts.stop()
