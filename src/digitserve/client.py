@@ -25,6 +25,7 @@ from digitserve.grpc_stubs import (
     management_pb2,
     management_pb2_grpc,
 )
+from digitserve.progress import progress as progress_bar
 
 #: Channel options shared by every channel the kit opens: message sizes match the server's
 #: ``max_request_size``; keepalive pings find a dead server between calls.
@@ -239,8 +240,8 @@ class DigitClient:
 
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             results = pool.map(one, images)
-            return list(progress(results, total=len(images), desc="gRPC predictions",
-                             disable=not progress))
+            return list(progress_bar(results, total=len(images), desc="gRPC predictions",
+                                 disable=not progress))
 
     def stream(self, image: bytes | str | Path, version: str = "", model: str | None = None
                ) -> Iterator[dict]:
@@ -495,7 +496,8 @@ class AsyncDigitClient:
                            ) -> list[Prediction | ServingError]:
         """Like ``DigitClient.predict_many``, with asyncio tasks instead of threads."""
         gate = asyncio.Semaphore(concurrency)
-        bar = progress(total=len(images), desc="gRPC predictions (aio)", disable=not progress)
+        bar = progress_bar(total=len(images), desc="gRPC predictions (aio)",
+                           disable=not progress)
 
         async def one(image: bytes | str | Path) -> Prediction | ServingError:
             async with gate:
