@@ -7,7 +7,12 @@ request is validated, and a bad one gets a clear message instead of "Prediction 
 Streaming: a request whose input map also holds ``stream`` (any value) and arrives through
 StreamPredictions first gets ``{"stage": "top3", "top": [...]}`` (the three likeliest digits)
 as an intermediate response, then the full answer. Only ask for it on StreamPredictions: a unary
-Predictions call completes with the first response it gets.
+Predictions call completes with the first response it gets. Every answer to a gRPC request is
+marked final (response header ``ts_stream_next: false``): TorchServe 0.12.0 ends a
+StreamPredictions call only on an answer so marked, and marks one only after an intermediate
+response; a StreamPredictions request without ``stream`` would otherwise make its frontend throw
+(NullPointerException) and kill the worker ("Worker died."). Predictions ignores the header; REST
+answers do not get it (there it would turn the response into a chunked stream).
 
 Open Inference Protocol (KServe v2): with ``ts_open_inference_protocol=true`` TorchServe also
 answers ``GRPCInferenceService/ModelInfer`` on the inference port and hands the handler
@@ -93,6 +98,8 @@ class DigitHandler(BaseHandler):
             if is_oip(request):
                 answers[index] = self.oip_answer(request["body"], answers[index],
                                                  context.request_ids[index])
+            elif not came_over_http(context, index):
+                context.set_response_header(index, "ts_stream_next", "false")
         return [json.dumps(answers[i]) for i in range(len(data))]
 
     def oip_answer(self, body: dict, answer: dict, request_id: str) -> dict:
@@ -181,6 +188,13 @@ def payload_of(request: dict) -> object:
         f"no image in the request: expected the key 'data' (gRPC input map) or a request body; "
         f"keys received: {came}"
     )
+
+
+def came_over_http(context, index: int) -> bool:
+    """True for a REST request: TorchServe passes its HTTP headers (``Host`` among them) along."""
+    properties = context.get_all_request_header(index) or {}
+    return any(isinstance(value, str) and str(key).lower() == "host"
+               for key, value in properties.items())
 
 
 def is_oip(request: dict) -> bool:
