@@ -18,7 +18,14 @@ from pathlib import Path
 import grpc
 from google.protobuf import empty_pb2
 
-from digitserve.config import HOST, MAX_MESSAGE_BYTES, MODEL_NAME, RPC_DEADLINE_S, RUN_DIR
+from digitserve.config import (
+    HOST,
+    MAX_MESSAGE_BYTES,
+    MODEL_NAME,
+    RPC_DEADLINE_S,
+    RUN_DIR,
+    WORKER_DEADLINE_S,
+)
 from digitserve.grpc_stubs import (
     inference_pb2,
     inference_pb2_grpc,
@@ -312,7 +319,8 @@ class DigitClient:
             url=mar, initial_workers=initial_workers, batch_size=batch_size,
             max_batch_delay=max_batch_delay_ms, synchronous=synchronous,
         )
-        return self._management(self.management.RegisterModel, request, mar)
+        return self._management(self.management.RegisterModel, request, mar,
+                                deadline_s=WORKER_DEADLINE_S)
 
     def scale(self, min_workers: int, max_workers: int | None = None, version: str = "",
               model: str | None = None, synchronous: bool = True) -> str:
@@ -321,7 +329,8 @@ class DigitClient:
             model_name=model or self.model_name, model_version=version, min_worker=min_workers,
             max_worker=max_workers or min_workers, synchronous=synchronous,
         )
-        return self._management(self.management.ScaleWorker, request, model, version)
+        return self._management(self.management.ScaleWorker, request, model, version,
+                                deadline_s=WORKER_DEADLINE_S)
 
     def set_default(self, version: str, model: str | None = None) -> str:
         """SetDefault: the version that answers when a request names none."""
@@ -337,8 +346,10 @@ class DigitClient:
         )
         return self._management(self.management.UnregisterModel, request, model, version)
 
-    def _management(self, method, request, model: str | None, version: str = "") -> str:
-        reply = self._call(method, request, "management", model or self.model_name, version)
+    def _management(self, method, request, model: str | None, version: str = "",
+                    deadline_s: float | None = None) -> str:
+        reply = self._call(method, request, "management", model or self.model_name, version,
+                           deadline_s=deadline_s)
         try:
             return json.loads(reply.msg).get("status", reply.msg)
         except ValueError:
@@ -360,12 +371,17 @@ class DigitClient:
             return ()
         return (("authorization", f"Bearer {read_key(self.key_file, api)}"),)
 
-    def _call(self, method, request, api: str, model: str = "", version: str = ""):
-        """One unary call with deadline and token; a refused token is renewed and retried once."""
+    def _call(self, method, request, api: str, model: str = "", version: str = "",
+              deadline_s: float | None = None):
+        """One unary call with deadline and token; a refused token is renewed and retried once.
+
+        Calls that wait for workers to start (register, scale) get at least WORKER_DEADLINE_S.
+        """
+        timeout = max(self.deadline_s, deadline_s or 0)
         for attempt in (1, 2):
             metadata = self.metadata(api)
             try:
-                return method(request, timeout=self.deadline_s, metadata=metadata)
+                return method(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as err:
                 if attempt == 1 and token_refused(err) and self.renew_key(api, metadata):
                     continue

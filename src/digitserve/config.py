@@ -30,6 +30,8 @@ ARCHIVE_NAME = "digit-model"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Deadline of every gRPC call, in seconds: no call waits for ever.
 RPC_DEADLINE_S = 10.0
+#: RegisterModel and ScaleWorker (synchronous) wait for new workers to load the model.
+WORKER_DEADLINE_S = 120.0
 #: How long ``serve start`` waits for the model to answer before giving up.
 STARTUP_TIMEOUT_S = 120.0
 
