@@ -150,12 +150,37 @@ def check_05_robust_serving(metrics: dict) -> None:
     assert_no_server_left()
 
 
+def check_06_grpc_api(metrics: dict) -> None:
+    assert metrics["v2_settings"]["augment"] is True
+    assert metrics["v2_settings"]["train_limit"] == QUICK_SETTINGS.train_limit
+    assert metrics["n_compared"] == 200
+    assert set(metrics["versions_compared"]) == {"1.0", "2.0"}
+    assert min(metrics["versions_compared"].values()) >= 0.9, metrics["versions_compared"]
+    assert metrics["unregister_default"] == "UNKNOWN"
+    assert metrics["default_after"] == "2.0"
+    assert metrics["served_after_unregister"] == ["2.0"]
+    assert metrics["workers_scaled"] == [2, 1]
+    assert metrics["n_evaluated"] == 500 and metrics["errors"] == 0
+    assert metrics["accuracy_grpc"] >= 0.9
+    assert metrics["agreement"] == 1.0
+    assert metrics["largest_probability_gap"] < 1e-3
+    assert metrics["stream_stages"] == ["top3", "final"]
+    assert metrics["stream_final_equals_unary"] is True
+    assert "sequenceId is required" in metrics["stream_bidirectional"]["(none)"]
+    assert metrics["stream_bidirectional"]["session-1"].startswith("UNKNOWN")
+    assert metrics["oip_same_as_grpc"] is True
+    assert metrics["oip_metadata"]["versions"] == ["2.0"]
+    assert metrics["stopped"] is True
+    assert_no_server_left()
+
+
 CHECKS = {
     "01_train": check_01_train,
     "02_archive": check_02_archive,
     "03_serve": check_03_serve,
     "04_grpc_client": check_04_grpc_client,
     "05_robust_serving": check_05_robust_serving,
+    "06_grpc_api": check_06_grpc_api,
 }
 #: The first notebook whose run failed: the ones after it are skipped, not failed again.
 _failed: list[str] = []
@@ -193,6 +218,7 @@ def test_notebook_runs_quick(name: str, isolated_kit: Path) -> None:
     ("03_serve.ipynb", "02_archive.ipynb"),
     ("04_grpc_client.ipynb", "02_archive.ipynb"),
     ("05_robust_serving.ipynb", "02_archive.ipynb"),
+    ("06_grpc_api.ipynb", "02_archive.ipynb"),
 ])
 def test_notebook_names_what_to_run_first(
     name: str, first: str, isolated_kit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

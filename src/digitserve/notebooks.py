@@ -27,12 +27,13 @@ NOTEBOOKS = (
     "03_serve.ipynb",
     "04_grpc_client.ipynb",
     "05_robust_serving.ipynb",
+    "06_grpc_api.ipynb",
 )
 #: The kernel installed with the kit's environment; a user's own "python3" may lack the package.
 KERNEL_NAME = "digitserve"
 #: Per-cell time limits: papermill has none by default, so a hung cell would wait for ever.
 #: The full setting's training cell is the longest: about 10 minutes on a 2-core CPU.
-QUICK_CELL_TIMEOUT_S = 900
+QUICK_CELL_TIMEOUT_S = 1800
 FULL_CELL_TIMEOUT_S = 2 * 3600
 
 
