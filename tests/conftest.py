@@ -108,6 +108,12 @@ def server_group_recorder():
     return record_server_group
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mnist() -> Path:
+    """Real MNIST under data/, fetched (and verified) once on a fresh clone before any test."""
+    return data.ensure_mnist()
+
+
 @pytest.fixture(scope="session")
 def mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
     """The real MNIST test set: uint8 images (10000, 28, 28) and labels."""
