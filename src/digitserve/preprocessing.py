@@ -162,7 +162,7 @@ def digit_from_payload(payload: object) -> np.ndarray:
 def _looks_like_text(data: bytes) -> bool:
     """True for JSON or base64 text; image formats all start with a binary signature."""
     head = data[:64].lstrip()
-    return bool(head) and head[:1] in b"[{" or _is_base64_head(head)
+    return (bool(head) and head[:1] in b"[{") or _is_base64_head(head)
 
 
 def _is_base64_head(head: bytes) -> bool:
