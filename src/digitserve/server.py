@@ -85,8 +85,10 @@ class ServerSettings:
     token_auth: bool = True
     enable_model_api: bool = False
     max_request_bytes: int = MAX_MESSAGE_BYTES
-    #: Torch threads per worker; None shares the CPUs among the workers, so none oversubscribes.
-    torch_threads: int | None = None
+    #: Torch (OpenMP) threads per worker. One: the Java frontend, the callers and the other
+    #: workers need the same CPUs, and OpenMP threads spin while they wait for each other, so
+    #: more threads make a busy server far slower (notebook 07 measures it).
+    torch_threads: int = 1
     #: Serve gRPC over TLS with this certificate (see ``digitserve.tls``); None: plaintext.
     tls: Certificate | None = None
     extra_properties: dict[str, str] = field(default_factory=dict)
@@ -295,10 +297,8 @@ class TorchServe:
         # TorchServe puts its worker sockets in Java's temp dir, which it takes from $TEMP:
         # without this, every server on the host would share /tmp/.ts.sock.9000.
         env["TEMP"] = str(self.run_dir / "tmp")
-        workers = sum(spec.workers for spec in self.settings.models)
-        threads = self.settings.torch_threads or max(1, (os.cpu_count() or 1) // workers)
-        env["OMP_NUM_THREADS"] = str(threads)
-        env["MKL_NUM_THREADS"] = str(threads)
+        env["OMP_NUM_THREADS"] = str(self.settings.torch_threads)
+        env["MKL_NUM_THREADS"] = str(self.settings.torch_threads)
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
