@@ -2,6 +2,7 @@
 
     digitserve check | data | train | archive | protos | serve start|stop|status | predict IMAGE...
     digitserve demo (the whole walkthrough, as `make demo`)
+    digitserve report [--quick] (every notebook executed and rendered as HTML, `make report`)
 """
 
 from __future__ import annotations
@@ -101,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run every notebook at its full setting (make demo)")
     demo.add_argument("--quick", action="store_true", help="the CI setting of every notebook")
     demo.set_defaults(run=run_demo)
+
+    report = commands.add_parser(
+        "report", help="run every notebook and render them as HTML in build/report (make report)")
+    report.add_argument("--quick", action="store_true", help="the CI setting of every notebook")
+    report.add_argument("--no-solutions", action="store_true",
+                        help="leave solutions.ipynb out (a report to send to participants)")
+    report.add_argument("--no-execute", action="store_true",
+                        help="render the executed notebooks already in build/notebooks")
+    report.set_defaults(run=run_report)
 
     predict = commands.add_parser("predict", help="classify images over gRPC, one JSON line each")
     predict.add_argument("images", nargs="+", type=Path)
@@ -246,6 +256,21 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"Archive:  {config.MODEL_STORE / (config.ARCHIVE_NAME + '.mar')}")
     print(f"Figures:  {config.FIGURES_DIR}")
     print(f"Test accuracy on the 10,000 MNIST test images: {training['test_accuracy']:.2%}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Execute every notebook (lessons, then exercises and solutions) and render it as HTML."""
+    from digitserve.data import ensure_mnist, export_samples
+    from digitserve.report import build_report
+
+    if not args.no_execute:
+        ensure_mnist()
+        export_samples()
+    index = build_report(quick=args.quick, execute=not args.no_execute,
+                         solutions=not args.no_solutions)
+    print(f"\nThe report: {index}\nOpen it in a browser (it needs no internet), or zip "
+          f"{index.parent} and send it.")
     return 0
 
 

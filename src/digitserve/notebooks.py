@@ -29,6 +29,11 @@ NOTEBOOKS = (
     "05_robust_serving.ipynb",
     "06_grpc_api.ipynb",
 )
+#: Workshop notebooks, run after the lessons (they need the archive notebook 02 makes):
+#: the exercises as learners get them, and the same with the solutions filled in.
+EXTRA_NOTEBOOKS = ("exercises.ipynb", "solutions.ipynb")
+#: Set on every head-less run of a notebook whose parameters cell has them: nobody can draw.
+HEADLESS_PARAMETERS = {"INTERACTIVE": False}
 #: The kernel installed with the kit's environment; a user's own "python3" may lack the package.
 KERNEL_NAME = "digitserve"
 #: Per-cell time limits: papermill has none by default, so a hung cell would wait for ever.
@@ -54,10 +59,13 @@ def run_notebook(
     # The kit's kernelspec lives in its environment; without this, one of the same name in
     # the user's ~/.local/share/jupyter would win and run another Python.
     os.environ["JUPYTER_PREFER_ENV_PATH"] = "1"
+    # Kernels started from here draw text progress bars (see digitserve.progress).
+    os.environ["DIGITSERVE_HEADLESS"] = "1"
     _check_kernel()
     source = NOTEBOOKS_DIR / name
     if not source.is_file():
-        raise FileNotFoundError(f"no notebook {source}; the lessons are {', '.join(NOTEBOOKS)}")
+        raise FileNotFoundError(f"no notebook {source}; the notebooks are "
+                                f"{', '.join(NOTEBOOKS + EXTRA_NOTEBOOKS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / name
@@ -67,7 +75,7 @@ def run_notebook(
         papermill.execute_notebook(
             str(source),
             str(output),
-            parameters={"QUICK": quick},
+            parameters=notebook_parameters(source, quick),
             kernel_name=KERNEL_NAME,
             execution_timeout=timeout_s,
             cwd=str(NOTEBOOKS_DIR),
@@ -82,9 +90,17 @@ def run_notebook(
 
 
 def run_all(quick: bool, out_dir: Path = config.NOTEBOOKS_OUT_DIR,
-            timeout_s: float | None = None) -> list[Path]:
-    """Run every lesson in order; stop at the first that fails."""
-    return [run_notebook(name, quick, out_dir, timeout_s) for name in NOTEBOOKS]
+            timeout_s: float | None = None, extras: bool = False) -> list[Path]:
+    """Run every lesson in order (then the workshop notebooks if ``extras``); stop at a failure."""
+    names = NOTEBOOKS + (EXTRA_NOTEBOOKS if extras else ())
+    return [run_notebook(name, quick, out_dir, timeout_s) for name in names]
+
+
+def notebook_parameters(source: Path, quick: bool) -> dict:
+    """``QUICK``, plus the head-less settings the notebook's parameters cell declares."""
+    declared = papermill.inspect_notebook(str(source))
+    return {"QUICK": quick, **{name: value for name, value in HEADLESS_PARAMETERS.items()
+                               if name in declared}}
 
 
 def record_metrics(
