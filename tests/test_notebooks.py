@@ -174,6 +174,30 @@ def check_06_grpc_api(metrics: dict) -> None:
     assert_no_server_left()
 
 
+def check_07_benchmark(metrics: dict) -> None:
+    """Every file written, every mode at every concurrency measured, every answer right.
+
+    No timing is asserted: the targets are recorded with their values, met or not.
+    """
+    for name, path in metrics["files"].items():
+        assert Path(path).is_file() and Path(path).stat().st_size > 0, name
+    assert metrics["settings"]["quick"] is True
+    assert metrics["modes"] == ["grpc", "grpc-stream", "in-process", "rest"]
+    assert metrics["concurrencies"] == sorted(metrics["settings"]["concurrencies"])
+    assert len(metrics["servers"]) == 2
+    # The floor at batch 1 and 8 for each thread count, then 3 modes × callers × 2 servers.
+    assert metrics["floor_threads"][0] == 1
+    assert metrics["n_rows"] == (2 * len(metrics["floor_threads"])
+                                 + 2 * 3 * len(metrics["settings"]["concurrencies"]))
+    assert metrics["errors"] == 0 and metrics["mismatches"] == 0
+    assert metrics["floor_p50_ms"] > 0 and metrics["floor_batch_throughput_rps"] > 0
+    assert all(seconds > 0 for seconds in metrics["cold_start_s"])
+    assert len(metrics["targets"]) == 4
+    assert all(isinstance(t["met"], bool) for t in metrics["targets"].values())
+    assert metrics["n_levers"] >= 6 and metrics["n_findings"] >= 5
+    assert_no_server_left()
+
+
 CHECKS = {
     "01_train": check_01_train,
     "02_archive": check_02_archive,
@@ -181,6 +205,7 @@ CHECKS = {
     "04_grpc_client": check_04_grpc_client,
     "05_robust_serving": check_05_robust_serving,
     "06_grpc_api": check_06_grpc_api,
+    "07_benchmark": check_07_benchmark,
 }
 #: The first notebook whose run failed: the ones after it are skipped, not failed again.
 _failed: list[str] = []

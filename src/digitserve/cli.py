@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="render the executed notebooks already in build/notebooks")
     report.set_defaults(run=run_report)
 
+    bench = commands.add_parser(
+        "bench", help="measure TorchServe (gRPC, REST, streaming) against in-process inference")
+    bench.add_argument("--quick", action="store_true",
+                       help="small counts, two servers, no levers (CI; not for reporting)")
+    bench.set_defaults(run=run_bench)
+
     predict = commands.add_parser("predict", help="classify images over gRPC, one JSON line each")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--version", default="", help="model version (default: the default)")
@@ -271,6 +277,20 @@ def run_report(args: argparse.Namespace) -> int:
                          solutions=not args.no_solutions)
     print(f"\nThe report: {index}\nOpen it in a browser (it needs no internet), or zip "
           f"{index.parent} and send it.")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark of notebook 07; print where the results went and the main table."""
+    from digitserve import bench
+
+    results = bench.run_benchmark(bench.QUICK if args.quick else bench.FULL)
+    print(bench.markdown_table(results))
+    print()
+    print(bench.targets_table(results))
+    print("\nResults:")
+    for name, path in results["files"].items():
+        print(f"  {name:15} {path}")
     return 0
 
 
