@@ -85,6 +85,7 @@ def build_report(quick: bool = False, execute: bool = True, solutions: bool = Tr
              if solutions or name != SOLUTIONS]
     failure: notebooks.NotebookError | None = None
     ran: list[str] = []
+    reused: list[str] = []
     started = time.time()
     if execute:
         from digitserve.server import stop_run_dir
@@ -92,7 +93,9 @@ def build_report(quick: bool = False, execute: bool = True, solutions: bool = Tr
         try:
             for name in names:
                 try:
-                    if not is_current(Path(executed_dir) / name, quick):
+                    if is_current(Path(executed_dir) / name, quick):
+                        reused.append(name)
+                    else:
                         notebooks.run_notebook(name, quick, out_dir=executed_dir)
                 finally:
                     ran.append(name)
@@ -111,7 +114,8 @@ def build_report(quick: bool = False, execute: bool = True, solutions: bool = Tr
             pages.append(Page(name, name, "not run"))
         else:
             pages.append(render_notebook(executed, out_dir))
-    index = write_index(pages, out_dir, quick=quick, wall_s=time.time() - started)
+    index = write_index(pages, out_dir, quick=quick, wall_s=time.time() - started,
+                        reused=len(reused))
     if failure is not None:
         raise notebooks.NotebookError(f"{failure}\nThe report so far: {index}")
     return index
@@ -159,7 +163,8 @@ def render_notebook(executed: Path, out_dir: Path) -> Page:
                 error, figures[0].replace("\n", "") if figures else "")
 
 
-def write_index(pages: list[Page], out_dir: Path, quick: bool, wall_s: float) -> Path:
+def write_index(pages: list[Page], out_dir: Path, quick: bool, wall_s: float,
+                reused: int = 0) -> Path:
     """``index.html``: one row per notebook, with its status, time, figures and first figure."""
     rows = []
     for number, page in enumerate(pages, 1):
@@ -180,6 +185,9 @@ def write_index(pages: list[Page], out_dir: Path, quick: bool, wall_s: float) ->
     accuracy = (f"; test accuracy after training: {training['test_accuracy']:.2%}"
                 if "test_accuracy" in training else "")
     failed = sum(page.status != "ran" for page in pages)
+    rendered = (f": {reused} of the notebooks had already run at this setting since their last "
+                "change (e.g. in <code>make demo</code>), so their pages show that run"
+                if reused else "")
     summary = (f"{len(pages) - failed} of {len(pages)} notebooks ran"
                + (f", <b>{failed} did not</b>" if failed else ""))
     text = f"""<!DOCTYPE html>
@@ -203,7 +211,7 @@ a {{ color: #0b62a3; font-weight: bold; }}
 <p class="meta">{time.strftime("%Y-%m-%d %H:%M")} on {html.escape(platform.node())}
 ({platform.system()}, Python {platform.python_version()}), setting
 <b>{"QUICK = True" if quick else "QUICK = False (the full lessons)"}</b>;
-{summary} in {wall_s / 60:.0f} min{accuracy}.</p>
+{summary}{accuracy}. This report took {wall_s / 60:.0f} min{rendered}.</p>
 <p>Each page is the notebook as it ran here, its figures included; it opens offline.
 Run it yourself: <code>make lab</code>, or rebuild this report with <code>make report</code>.</p>
 <table><tr><th>#</th><th>notebook</th><th>status</th><th>time</th><th>figures</th>
