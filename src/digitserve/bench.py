@@ -4,7 +4,8 @@ What one run measures (``run_benchmark``), warm-up requests excluded everywhere:
 
 1. **The floor**, in this process: the kit's preprocessing (``digit_from_payload`` on the PNG
    bytes, then ``to_model_input``) and a forward pass of the weights inside the .mar, as the
-   handler does it (``inference_mode``, ``channels_last``, softmax), one image at a time and in
+   handler does it (``model.for_serving``: channels_last, traced and frozen TorchScript;
+   ``inference_mode``, softmax), one image at a time and in
    batches of 8. No server can be faster than this on the same CPU.
 2. For each server configuration (batching off and on × 1 and 2 workers, each a fresh
    TorchServe, stopped before the next starts): gRPC unary, REST (``POST /predictions``) and
@@ -29,6 +30,7 @@ recorded beside the numbers.
 
 from __future__ import annotations
 
+import copy
 import csv
 import http.client
 import io
@@ -40,7 +42,6 @@ import platform
 import shutil
 import threading
 import time
-import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -54,7 +55,7 @@ from matplotlib.figure import Figure
 
 from digitserve import config, data, preprocessing, synthetic
 from digitserve.client import DigitClient, ServingError, read_key
-from digitserve.model import DigitCNN
+from digitserve.model import DigitCNN, for_serving
 from digitserve.progress import HEADLESS
 from digitserve.progress import progress as progress_bar
 from digitserve.server import ModelSpec, ServerSettings, TorchServe, config_properties, free_ports
@@ -276,13 +277,14 @@ def padded_png(png: bytes, size: int) -> bytes:
 
 # -- the in-process floor ----------------------------------------------------------------------
 def load_served_model(mar: Path) -> DigitCNN:
-    """DigitCNN with the very weights inside ``mar``, prepared as the handler prepares it."""
+    """DigitCNN (eager) with the very weights inside ``mar``; ``for_serving`` makes it the
+    handler's model."""
     with zipfile.ZipFile(mar) as archive:
         manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
         weights = archive.read(manifest["model"]["serializedFile"])
     model = DigitCNN()
     model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
-    return model.eval().to(memory_format=torch.channels_last)
+    return model.eval()
 
 
 @torch.inference_mode()
@@ -761,16 +763,21 @@ class _Closing:
 
 
 # -- in-process levers -------------------------------------------------------------------------
-def measure_model_levers(model: torch.nn.Module, payloads: Sequence[bytes],
+def measure_model_levers(weights: DigitCNN, payloads: Sequence[bytes],
                          settings: BenchSettings, progress: bool = True) -> list[dict]:
-    """Forward pass only, batch 1 (p50) and batch ``batch_size`` (images/s), per variant."""
+    """Forward pass only, batch 1 (p50) and batch ``batch_size`` (images/s), per variant.
+
+    ``weights`` is the eager model; each variant prepares its own copy.
+    """
     digits = torch.from_numpy(np.stack([preprocessing.digit_from_payload(p)
                                         for p in payloads[: settings.batch_size]]))
     contiguous = {1: preprocessing.to_model_input(digits[:1]),
                   settings.batch_size: preprocessing.to_model_input(digits)}
     last = {b: x.contiguous(memory_format=torch.channels_last) for b, x in contiguous.items()}
-    plain = DigitCNN().eval()
-    plain.load_state_dict(model.state_dict())
+    plain = copy.deepcopy(weights)
+    eager_last = copy.deepcopy(weights).to(memory_format=torch.channels_last)
+    served = for_serving(copy.deepcopy(weights), preprocessing.IMAGE_SIZE,
+                         batch_sizes=(1, settings.batch_size))
     cpus = os.cpu_count() or 1
     threads_before = torch.get_num_threads()
 
@@ -789,14 +796,13 @@ def measure_model_levers(model: torch.nn.Module, payloads: Sequence[bytes],
         ("autograd", "grad enabled (plain forward)", lambda: (plain, contiguous, grad_on)),
         ("autograd", "torch.no_grad", lambda: (plain, contiguous, no_grad)),
         ("autograd", "torch.inference_mode", lambda: (plain, contiguous, inference)),
-        ("memory format", "inference_mode + channels_last (the handler)",
-         lambda: (model, last, inference)),
-        ("graph", "TorchScript (trace + freeze) + channels_last",
-         lambda: (_torchscript(model, last[1]), last, inference)),
+        ("memory format", "inference_mode + channels_last", lambda: (eager_last, last, inference)),
+        ("graph", "TorchScript (trace + freeze) + channels_last (the handler)",
+         lambda: (for_serving(copy.deepcopy(weights), preprocessing.IMAGE_SIZE), last, inference)),
     ]
     if settings.compile_lever:
         variants.append(("graph", "torch.compile (inductor) + channels_last",
-                         lambda: (torch.compile(model), last, inference)))
+                         lambda: (torch.compile(eager_last), last, inference)))
     rows = []
     for lever, variant, prepare in progress_bar(variants, desc="model levers", leave=False,
                                                 disable=_quiet(progress)):
@@ -816,19 +822,11 @@ def measure_model_levers(model: torch.nn.Module, payloads: Sequence[bytes],
         torch.set_num_threads(threads)
         try:
             rows.append({"lever": "torch threads", "variant": f"{threads} thread"
-                         + ("s" if threads > 1 else "") + " (inference_mode + channels_last)",
-                         **_forward_figures(model, last, inference, settings)})
+                         + ("s" if threads > 1 else "") + " (the handler's TorchScript)",
+                         **_forward_figures(served, last, inference, settings)})
         finally:
             torch.set_num_threads(threads_before)
     return rows
-
-
-def _torchscript(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
-    """Trace and freeze (TorchScript is deprecated in recent torch, which warns: measured anyway,
-    as many deployed models still use it)."""
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.freeze(torch.jit.trace(model, example))
 
 
 def _forward_figures(model: torch.nn.Module, inputs: dict[int, torch.Tensor],
@@ -878,7 +876,9 @@ def run_benchmark(settings: BenchSettings = FULL, model_store: Path = config.MOD
     out_dir.mkdir(parents=True, exist_ok=True)
     run_root = Path(run_root) if run_root else config.RUN_DIR / "bench"
     payloads, _ = bench_images(settings.images)
-    model = load_served_model(mar)
+    weights = load_served_model(mar)
+    model = for_serving(copy.deepcopy(weights), preprocessing.IMAGE_SIZE,
+                         batch_sizes=(1, settings.batch_size))
     expected = [predict_in_process(model, [p])[0] for p in payloads]
     results: dict = {"settings": asdict(settings), "environment": environment(),
                      "mar": str(mar), "servers": [], "rows": [], "payload": [], "levers": [],
@@ -889,7 +889,7 @@ def run_benchmark(settings: BenchSettings = FULL, model_store: Path = config.MOD
               for threads in sorted({1, os.cpu_count() or 1})}
     _add_floor(results, floors, settings)
     if settings.model_levers:
-        results["levers"] += measure_model_levers(model, payloads, settings, progress)
+        results["levers"] += measure_model_levers(weights, payloads, settings, progress)
     del model
 
     max_c = max(settings.concurrencies)

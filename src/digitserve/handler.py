@@ -50,8 +50,10 @@ from ts.utils.util import PredictionException
 
 if __package__:  # imported from the installed package (tests, notebooks)
     from . import preprocessing
+    from .model import for_serving
 else:  # inside the .mar, TorchServe puts the archived files beside the handler
     import preprocessing
+    from model import for_serving
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +67,11 @@ class DigitHandler(BaseHandler):
     """Image (or pixel list) in, ``{"digit", "probability", "probabilities"}`` out."""
 
     def initialize(self, context) -> None:
-        """Load DigitCNN from the archived model file and weights (BaseHandler does the work)."""
-        super().initialize(context)
-        self.model = self.model.to(memory_format=torch.channels_last)
+        """Load DigitCNN from the archived model file and weights, then prepare it for serving."""
+        super().initialize(context)  # BaseHandler builds the model file's class, loads the weights
+        batch_size = int(context.system_properties.get("batch_size") or 1)
+        self.model = for_serving(self.model, preprocessing.IMAGE_SIZE, self.device,
+                                 batch_sizes=(1, batch_size))
         self.version = context.manifest.get("model", {}).get("modelVersion", "")
 
     def handle(self, data: list[dict], context) -> list[str]:
