@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import psutil
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 from digitserve import archive, data, train
-from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports
+from digitserve.config import Ports
+from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports, port_is_free
 
 #: Command-line fragments of TorchServe's Java frontend and of its Python model workers.
 SERVER_MARKERS = ("org.pytorch.serve.ModelServer", "model_service_worker")
@@ -173,3 +175,48 @@ def batching_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory)
     )
     yield ts
     ts.stop()
+
+
+# -- notebooks run by the tests (test_notebooks.py, test_workshop.py) -------------------------
+def isolate_kit(root: Path, model_store: Path, port_offsets: range) -> pytest.MonkeyPatch:
+    """Point the kit's build folder, model store, run directory and ports away from the user's.
+
+    Set in this process's environment before papermill starts a kernel: the kernel inherits it
+    and ``digitserve.config`` reads it when the kernel imports the package. Undo the returned
+    patch when done.
+    """
+    offset = next((offset for offset in port_offsets
+                   if all(port_is_free(port + offset) for port in astuple(Ports()))), None)
+    if offset is None:
+        pytest.fail(f"no port offset in {port_offsets} leaves TorchServe's five ports free")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DIGITSERVE_BUILD_DIR", str(root / "build"))
+    patch.setenv("DIGITSERVE_MODEL_STORE", str(model_store))
+    patch.setenv("DIGITSERVE_RUN_DIR", str(root / "run"))
+    patch.setenv("DIGITSERVE_PORT_OFFSET", str(offset))
+    return patch
+
+
+def run_dir_processes(run_dir: str) -> list[str]:
+    """Live processes of a TorchServe started from ``run_dir``, as ``pid: command`` lines.
+
+    The launcher and Java name the run directory's config file on their command line; the
+    Python workers do not, but they inherit the private ``TMPDIR`` the kit gives each server.
+    """
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
+        cmdline = proc.info["cmdline"] or []
+        tmpdir = (proc.info["environ"] or {}).get("TMPDIR", "")
+        if tmpdir.startswith(run_dir) or any(run_dir in part for part in cmdline):
+            found.append(f"{proc.info['pid']}: {' '.join(cmdline)[:120]}")
+    return found
+
+
+def assert_no_server_left(run_dir: str | None = None, grace_s: float = 15) -> None:
+    """No process may still belong to ``run_dir`` (default: the isolated kit's) once a stop
+    has had time to end."""
+    run_dir = run_dir or os.environ["DIGITSERVE_RUN_DIR"]
+    deadline = time.monotonic() + grace_s
+    while (left := run_dir_processes(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, "TorchServe processes outlived the notebook:\n" + "\n".join(left)

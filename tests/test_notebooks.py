@@ -10,17 +10,15 @@ import ast
 import os
 import sys
 import time
-from dataclasses import astuple
 from pathlib import Path
 
 import nbformat
 import papermill
-import psutil
 import pytest
+from conftest import assert_no_server_left, isolate_kit
 
 from digitserve import notebooks
-from digitserve.config import ARCHIVE_NAME, Ports
-from digitserve.server import port_is_free
+from digitserve.config import ARCHIVE_NAME
 from digitserve.train import QUICK_SETTINGS
 
 #: Every notebook in the folder, lessons or not: none may be committed with outputs.
@@ -63,24 +61,9 @@ def test_notebook_is_committed_clean(path: Path) -> None:
 # -- running them -------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def isolated_kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Point every artifact and port of the kit elsewhere; return the temporary build folder.
-
-    Set in this process's environment before papermill starts a kernel: the kernel inherits it
-    and ``digitserve.config`` reads it when the kernel imports the package.
-    """
+    """Point every artifact and port of the kit elsewhere; return the temporary build folder."""
     root = tmp_path_factory.mktemp("kit")
-    offset = next(
-        (offset for offset in PORT_OFFSETS
-         if all(port_is_free(port + offset) for port in astuple(Ports()))),
-        None,
-    )
-    if offset is None:
-        pytest.fail(f"no port offset in {PORT_OFFSETS} leaves TorchServe's five ports free")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("DIGITSERVE_BUILD_DIR", str(root / "build"))
-    patch.setenv("DIGITSERVE_MODEL_STORE", str(root / "model_store"))
-    patch.setenv("DIGITSERVE_RUN_DIR", str(root / "run"))
-    patch.setenv("DIGITSERVE_PORT_OFFSET", str(offset))
+    patch = isolate_kit(root, root / "model_store", PORT_OFFSETS)
     yield root / "build"
     patch.undo()
 
@@ -111,31 +94,6 @@ def check_04_grpc_client(metrics: dict) -> None:
     assert "not an image" in metrics["bad_input_error"]
     assert metrics["stopped"] is True
     assert_no_server_left()
-
-
-def assert_no_server_left(grace_s: float = 15) -> None:
-    """No process may still belong to the test run directory once a stop has had time to end.
-
-    The launcher and Java name the run directory's config file on their command line; the
-    Python workers do not, but they inherit the private ``TMPDIR`` the kit gives each server.
-    """
-    deadline = time.monotonic() + grace_s
-    while (left := server_processes(os.environ["DIGITSERVE_RUN_DIR"])) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.5)
-    assert not left, "TorchServe processes outlived the notebook:\n" + "\n".join(left)
-
-
-def server_processes(run_dir: str) -> list[str]:
-    """Live processes of a TorchServe started from ``run_dir``, as ``pid: command`` lines."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
-        cmdline = proc.info["cmdline"] or []
-        tmpdir = (proc.info["environ"] or {}).get("TMPDIR", "")
-        if tmpdir.startswith(run_dir) or any(run_dir in part for part in cmdline):
-            found.append(f"{proc.info['pid']}: {' '.join(cmdline)[:120]}")
-    return found
 
 
 def check_05_robust_serving(metrics: dict) -> None:

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
-import psutil
 import pytest
+from conftest import assert_no_server_left, isolate_kit
 from matplotlib.figure import Figure
 from PIL import Image
 
 from digitserve import diagram, draw, notebooks, preprocessing, report
 from digitserve.client import Prediction
 from digitserve.config import Ports
-from digitserve.server import port_is_free
 
 ALL_NOTEBOOKS = notebooks.NOTEBOOKS + notebooks.EXTRA_NOTEBOOKS
 #: Port offsets tried for the exercise servers (test_notebooks.py uses 1,000–20,000).
@@ -246,15 +245,7 @@ def test_report_reuses_only_current_successful_runs(tmp_path: Path) -> None:
 def workshop_kit(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
     """The session's .mar, and a build folder, run directory and ports of the tests' own."""
     root = tmp_path_factory.mktemp("workshop")
-    offset = next((offset for offset in PORT_OFFSETS
-                   if all(port_is_free(port + offset) for port in astuple(Ports()))), None)
-    if offset is None:
-        pytest.fail(f"no port offset in {PORT_OFFSETS} leaves TorchServe's five ports free")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("DIGITSERVE_BUILD_DIR", str(root / "build"))
-    patch.setenv("DIGITSERVE_MODEL_STORE", str(model_store))
-    patch.setenv("DIGITSERVE_RUN_DIR", str(root / "run"))
-    patch.setenv("DIGITSERVE_PORT_OFFSET", str(offset))
+    patch = isolate_kit(root, model_store, PORT_OFFSETS)
     yield root
     patch.undo()
 
@@ -268,23 +259,6 @@ def run_quick(name: str, root: Path) -> dict:
     assert metrics["stopped"] is True
     assert_no_server_left(str(root / "run"))
     return metrics
-
-
-def assert_no_server_left(run_dir: str, grace_s: float = 15) -> None:
-    """No process started from ``run_dir`` (by its config path or private TMPDIR) is alive."""
-    def left() -> list[str]:
-        found = []
-        for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
-            tmpdir = (proc.info["environ"] or {}).get("TMPDIR", "")
-            if tmpdir.startswith(run_dir) or any(run_dir in part
-                                                 for part in proc.info["cmdline"] or []):
-                found.append(f"{proc.info['pid']}: {' '.join(proc.info['cmdline'] or [])[:120]}")
-        return found
-
-    deadline = time.monotonic() + grace_s
-    while (alive := left()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not alive, "TorchServe outlived the notebook:\n" + "\n".join(alive)
 
 
 @pytest.mark.notebook
