@@ -763,11 +763,13 @@ class _Closing:
 
 
 # -- in-process levers -------------------------------------------------------------------------
-def measure_model_levers(weights: DigitCNN, payloads: Sequence[bytes],
-                         settings: BenchSettings, progress: bool = True) -> list[dict]:
+def measure_model_levers(weights: DigitCNN, served: torch.nn.Module,
+                         payloads: Sequence[bytes], settings: BenchSettings,
+                         progress: bool = True) -> list[dict]:
     """Forward pass only, batch 1 (p50) and batch ``batch_size`` (images/s), per variant.
 
-    ``weights`` is the eager model; each variant prepares its own copy.
+    ``weights`` is the eager model, of which each variant prepares its own copy (its setup is
+    measured); ``served`` is the floor's model (``for_serving``), timed per thread count.
     """
     digits = torch.from_numpy(np.stack([preprocessing.digit_from_payload(p)
                                         for p in payloads[: settings.batch_size]]))
@@ -776,8 +778,6 @@ def measure_model_levers(weights: DigitCNN, payloads: Sequence[bytes],
     last = {b: x.contiguous(memory_format=torch.channels_last) for b, x in contiguous.items()}
     plain = copy.deepcopy(weights)
     eager_last = copy.deepcopy(weights).to(memory_format=torch.channels_last)
-    served = for_serving(copy.deepcopy(weights), preprocessing.IMAGE_SIZE,
-                         batch_sizes=(1, settings.batch_size))
     cpus = os.cpu_count() or 1
     threads_before = torch.get_num_threads()
 
@@ -889,7 +889,7 @@ def run_benchmark(settings: BenchSettings = FULL, model_store: Path = config.MOD
               for threads in sorted({1, os.cpu_count() or 1})}
     _add_floor(results, floors, settings)
     if settings.model_levers:
-        results["levers"] += measure_model_levers(weights, payloads, settings, progress)
+        results["levers"] += measure_model_levers(weights, model, payloads, settings, progress)
     del model
 
     max_c = max(settings.concurrencies)
