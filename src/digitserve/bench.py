@@ -56,6 +56,7 @@ from matplotlib.figure import Figure
 from digitserve import config, data, preprocessing, synthetic
 from digitserve.client import DigitClient, ServingError, read_key
 from digitserve.model import DigitCNN, for_serving
+from digitserve.plots import save_figure
 from digitserve.progress import HEADLESS
 from digitserve.progress import progress as progress_bar
 from digitserve.server import ModelSpec, ServerSettings, TorchServe, config_properties, free_ports
@@ -1487,7 +1488,7 @@ def plot_latency(results: dict, save_to: Path | None = None) -> Figure:
         ax.set_visible(False)
     fig.suptitle("Latency, one caller at a time: how far each path sits from the in-process "
                  "floor")
-    return _finish(fig, save_to)
+    return save_figure(fig, save_to)
 
 
 def plot_throughput(results: dict, save_to: Path | None = None) -> Figure:
@@ -1533,7 +1534,7 @@ def plot_throughput(results: dict, save_to: Path | None = None) -> Figure:
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.suptitle("Throughput and server CPU per request against concurrency "
                  "(TorchServe and the client share this machine)")
-    return _finish(fig, save_to)
+    return save_figure(fig, save_to)
 
 
 def plot_payload(results: dict, save_to: Path | None = None) -> Figure:
@@ -1556,14 +1557,7 @@ def plot_payload(results: dict, save_to: Path | None = None) -> Figure:
            ylabel="latency, ms (log scale)", title="Payload size, one caller")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _finish(fig, save_to)
-
-
-def _finish(fig: Figure, save_to: Path | None) -> Figure:
-    if save_to is not None:
-        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save_to, dpi=110, bbox_inches="tight")
-    return fig
+    return save_figure(fig, save_to)
 
 
 def smallest(settings: BenchSettings = QUICK) -> BenchSettings:

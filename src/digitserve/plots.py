@@ -41,7 +41,7 @@ def sample_digits(
         _show_digit(ax, image)
         ax.set_title(str(int(label)), fontsize=10)
     fig.suptitle(f"{len(images)} MNIST digits and their labels")
-    return _finish(fig, save_to)
+    return save_figure(fig, save_to)
 
 
 def preprocessing_steps(images: Sequence[torch.Tensor], save_to: Path | None = None) -> Figure:
@@ -68,7 +68,7 @@ def preprocessing_steps(images: Sequence[torch.Tensor], save_to: Path | None = N
         row[2].set_yticks([])
         fig.colorbar(shown, ax=row[2], shrink=0.8)
     fig.suptitle("What the model sees: the same preprocessing in training and in TorchServe")
-    return _finish(fig, save_to)
+    return save_figure(fig, save_to)
 
 
 def as_sent_and_normalized(
@@ -88,7 +88,7 @@ def as_sent_and_normalized(
         row[0].set_yticks([])
         _show_digit(row[1], torch.from_numpy(preprocessing.digit_from_payload(payload)))
         row[1].set_title("what the model sees (28×28)", fontsize=10)
-    return _finish(fig, save_to)
+    return save_figure(fig, save_to)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> Markdown:
@@ -126,7 +126,7 @@ def training_curves(metrics: dict, save_to: Path | None = None) -> Figure:
     fig.suptitle(f"Training on {metrics['train_images']:,} images, {len(epochs)} "
                  f"epoch{'s' if len(epochs) > 1 else ''}, {metrics['wall_time_s']:.0f} s "
                  f"on {metrics['device']}")
-    return _finish(fig, save_to)
+    return save_figure(fig, save_to)
 
 
 def confusion_matrix(cm: torch.Tensor, save_to: Path | None = None) -> Figure:
@@ -146,7 +146,7 @@ def confusion_matrix(cm: torch.Tensor, save_to: Path | None = None) -> Figure:
     accuracy = np.trace(counts) / counts.sum()
     ax.set_title(f"Confusion matrix: {counts.sum() - np.trace(counts):,} mistakes in "
                  f"{counts.sum():,} ({100 * accuracy:.2f} % correct)")
-    return _finish(fig, save_to)
+    return save_figure(fig, save_to)
 
 
 def misclassified(
@@ -168,7 +168,7 @@ def misclassified(
                      f"{100 * probabilities[index, predicted[index]]:.0f} % sure",
                      fontsize=9, color=WRONG_COLOR)
     fig.suptitle(f"{len(shown)} of {len(wrong):,} misclassified digits, most confident first")
-    return _finish(fig, save_to)
+    return save_figure(fig, save_to)
 
 
 def predictions_grid(
@@ -186,7 +186,7 @@ def predictions_grid(
         ax.set_title(f"→ {prediction.digit} ({100 * prediction.probability:.1f} %)\n"
                      f"true {truth}", fontsize=9, color="black" if right else WRONG_COLOR)
     fig.suptitle(f"TorchServe's answers: {n_correct} of {len(predictions)} correct")
-    return _finish(fig, save_to)
+    return save_figure(fig, save_to)
 
 
 def _grid(n: int, columns: int) -> tuple[Figure, list[Axes]]:
@@ -219,7 +219,7 @@ def _dtype(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
-def _finish(fig: Figure, save_to: Path | None) -> Figure:
+def save_figure(fig: Figure, save_to: Path | None) -> Figure:
     """Write the figure as a PNG when asked (creating its folder), and return it."""
     if save_to is not None:
         Path(save_to).parent.mkdir(parents=True, exist_ok=True)
