@@ -50,21 +50,43 @@ def test_verify_mnist_rejects_a_doctored_copy(tmp_path):
         data.verify_mnist(tmp_path)
 
 
+def test_typical_test_digits_are_the_closest_to_their_digits_average(mnist_test):
+    images, labels = mnist_test
+    train_images, train_labels = data.load_split(train=True)
+    chosen = data.typical_test_digits(per_digit=2)
+    assert len(chosen) == 20
+    assert [int(labels[i]) for i in chosen] == [d for d in range(10) for _ in range(2)]
+    for digit in range(10):
+        average = train_images[train_labels == digit].float().mean(dim=0)
+        distance = (images.float() - average).square().sum(dim=(1, 2))
+        mine = [i for i in chosen if labels[i] == digit]
+        others = distance[(labels == digit) & ~torch.isin(torch.arange(len(labels)),
+                                                           torch.tensor(mine))]
+        assert distance[mine].max() <= others.min()
+    assert 18 not in chosen  # the first test 3, whose closed top loop makes it look like an 8
+
+
 def test_export_samples_writes_the_test_images_with_their_labels(tmp_path, mnist_test):
     images, labels = mnist_test
     paths = data.export_samples(per_digit=3, out=tmp_path)
     assert len(paths) == 30
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
-    for digit in range(10):
-        first = torch.nonzero(labels == digit).flatten()[:3].tolist()
-        mine = [p for p in paths if data.label_of(p) == digit]
-        assert [int(re.match(r"test(\d{5})_label", p.name).group(1)) for p in mine] == first
+    assert [int(re.match(r"test(\d{5})_label", p.name).group(1)) for p in paths] == (
+        data.typical_test_digits(per_digit=3))
     for path in paths:
         index = int(re.match(r"test(\d{5})_label(\d)\.png$", path.name).group(1))
         assert data.label_of(path) == int(labels[index])
         with Image.open(path) as image:
             assert image.format == "PNG" and image.mode == "L"
             assert np.array_equal(np.asarray(image), images[index].numpy())
+
+
+def test_export_samples_removes_an_earlier_selection(tmp_path):
+    data.export_samples(per_digit=3, out=tmp_path)
+    (tmp_path / "notes.txt").write_text("not a sample")
+    paths = data.export_samples(per_digit=1, out=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in paths)
+    assert (tmp_path / "notes.txt").is_file()
 
 
 def test_label_of_reads_the_digit_from_the_name(tmp_path):
