@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -64,14 +65,32 @@ def test_bad_input_gets_invalid_argument_with_a_message(server, sample, case):
     assert json.loads(raw_predict(server, {"data": sample[0]}))["digit"] == sample[1]
 
 
+#: Photo-like and canvas-like test digits sent per kind, and the share of them whose served
+#: answer must match the model's answer on the original MNIST image. The session's small model
+#: (1 epoch on 6,000 images, 92-93 % test accuracy) agreed on 88.8-90.2 % (photo) and
+#: 92.6-94.4 % (canvas) of 500 images over three training seeds; 0.80 leaves about four
+#: standard errors of a 200-image sample below the worst of them.
+N_REAL_WORLD = 200
+MIN_REAL_WORLD_AGREEMENT = 0.80
+
+
 @pytest.mark.parametrize("make", [synthetic.photo_like, synthetic.canvas_like])
 def test_photo_and_canvas_digits_answered_like_mnist(server, mnist_test, trained_weights, make):
     images, _ = mnist_test
-    expected = expected_digits(trained_weights, images[:10])
+    payloads = [make(image.numpy()) for image in images[:N_REAL_WORLD]]
     with DigitClient.for_run_dir(server.run_dir) as client:
-        answers = [client.predict(make(image.numpy())).digit for image in images[:10]]
-    agree = sum(a == e for a, e in zip(answers, expected, strict=True))
-    assert agree >= 9, (answers, expected)
+        answers = client.predict_many(payloads, progress=False)
+    served = [answer.digit for answer in answers]
+    # The server answers exactly what the same model answers in-process for the same bytes
+    # (where the two likeliest digits are not a near tie, which rounding could flip)...
+    digits, margins = in_process_answers(trained_weights, payloads)
+    differ = [i for i, (a, b) in enumerate(zip(served, digits, strict=True))
+              if a != b and margins[i] > 1e-3]
+    assert not differ, f"served answers differ from in-process ones for images {differ}"
+    # ...and normalisation makes most of them read like the original MNIST digit.
+    expected = expected_digits(trained_weights, images[:N_REAL_WORLD])
+    agreement = sum(a == e for a, e in zip(served, expected, strict=True)) / N_REAL_WORLD
+    assert agreement >= MIN_REAL_WORLD_AGREEMENT, (make.__name__, agreement)
 
 
 def test_base64_and_pixel_list_are_answered_like_the_png(server, sample, mnist_test):
@@ -119,6 +138,16 @@ def expected_digits(weights: Path, images: torch.Tensor) -> list[int]:
     model = evaluate.load_model(weights)
     logits = evaluate.predict_logits(model, preprocessing.normalize_digits(images))
     return logits.argmax(1).tolist()
+
+
+def in_process_answers(weights: Path, payloads: list[bytes]) -> tuple[list[int], list[float]]:
+    """The model's digits for request payloads read as the handler reads them, and the gap
+    between each answer's two highest probabilities."""
+    model = evaluate.load_model(weights)
+    digits = torch.from_numpy(np.stack([preprocessing.digit_from_payload(p) for p in payloads]))
+    probabilities = evaluate.predict_logits(model, digits).softmax(1)
+    top2 = probabilities.topk(2, dim=1).values
+    return probabilities.argmax(1).tolist(), (top2[:, 0] - top2[:, 1]).tolist()
 
 
 def worker_pids(server: TorchServe) -> list[int]:
