@@ -14,7 +14,14 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from digitserve.config import ARCHIVE_NAME, MODEL_NAME, MODEL_STORE, MODEL_VERSION, WEIGHTS_PATH
+from digitserve.config import (
+    ARCHIVE_NAME,
+    ARCHIVE_PATH,
+    MODEL_NAME,
+    MODEL_STORE,
+    MODEL_VERSION,
+    WEIGHTS_PATH,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_FILE = PACKAGE_DIR / "model.py"
@@ -48,6 +55,16 @@ def build_archive(
         target = model_store / f"{archive_name}.mar"
         shutil.move(Path(tmp) / f"{model_name}.mar", target)
     return target
+
+
+def require(mar: Path = ARCHIVE_PATH) -> Path:
+    """Return ``mar`` if it exists, else raise the error that says how to make it."""
+    if not Path(mar).is_file():
+        raise FileNotFoundError(
+            f"no model archive at {mar}: run notebooks/02_archive.ipynb or `digitserve archive` "
+            "first."
+        )
+    return Path(mar)
 
 
 def describe_archive(mar: Path) -> dict:

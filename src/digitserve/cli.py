@@ -259,7 +259,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for path in executed:
         print(f"  {path}")
     print(f"Weights:  {config.WEIGHTS_PATH}")
-    print(f"Archive:  {config.MODEL_STORE / (config.ARCHIVE_NAME + '.mar')}")
+    print(f"Archive:  {config.ARCHIVE_PATH}")
     print(f"Figures:  {config.FIGURES_DIR}")
     print(f"Test accuracy on the 10,000 MNIST test images: {training['test_accuracy']:.2%}")
     return 0

@@ -25,6 +25,8 @@ TRAIN_METRICS_PATH = ARTIFACTS_DIR / "digitcnn.metrics.json"
 MODEL_NAME = "digitmodel"
 MODEL_VERSION = "1.0"
 ARCHIVE_NAME = "digit-model"
+#: The archive notebook 02 (``digitserve archive``) writes and every later lesson serves.
+ARCHIVE_PATH = MODEL_STORE / f"{ARCHIVE_NAME}.mar"
 
 #: The largest request TorchServe accepts and the largest message the client sends or receives.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
