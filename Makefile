@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Jupyter looks in the project's environment before a user's own kernels.
 export JUPYTER_PREFER_ENV_PATH := 1
 
-.PHONY: env demo test bench report lab lint lock clean
+.PHONY: env demo test test-unit test-integration test-notebooks bench report lab lint lock clean
 
 env: $(STAMP)
 
@@ -24,8 +24,21 @@ $(STAMP): pyproject.toml requirements.lock
 demo: env
 	$(BIN)/digitserve demo
 
+# Every tier; the three below run one tier each (markers in pyproject.toml).
 test: env
 	$(BIN)/python -m pytest
+
+# In-process only: no MNIST, no server (under a minute).
+test-unit: env
+	$(BIN)/python -m pytest -m unit
+
+# Real MNIST and real servers over real gRPC.
+test-integration: env
+	$(BIN)/python -m pytest -m integration
+
+# Every notebook at its quick setting; one alone with e.g. `make test-notebooks K=04`.
+test-notebooks: env
+	$(BIN)/python -m pytest -m notebook $(if $(K),-k $(K))
 
 bench: env
 	$(BIN)/digitserve bench

@@ -32,13 +32,6 @@ _STARTED_GROUPS: set[int] = set()
 _SEEN_PROCESSES: dict[int, psutil.Process] = {}
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "unit: fast, in-process, no server")
-    config.addinivalue_line("markers", "integration: starts a real TorchServe (Java, gRPC)")
-    # Used by test_notebooks.py; registered here because pyproject.toml sets --strict-markers.
-    config.addinivalue_line("markers", "notebook: executes a notebook end to end (slow)")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the fast unit tests first, so ``-x`` stops before any server is started."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("unit") else 1)
@@ -110,20 +103,20 @@ def server_group_recorder():
     return record_server_group
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def mnist() -> Path:
-    """Real MNIST under data/, fetched (and verified) once on a fresh clone before any test."""
+    """Real MNIST under data/, fetched (and verified) once, for the tests that ask for it."""
     return data.ensure_mnist()
 
 
 @pytest.fixture(scope="session")
-def mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
+def mnist_test(mnist: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The real MNIST test set: uint8 images (10000, 28, 28) and labels."""
     return data.load_split(train=False)
 
 
 @pytest.fixture(scope="session")
-def trained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_weights(mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real DigitCNN trained once per session (1 epoch on 6,000 images).
 
     ``digitcnn.metrics.json`` beside the weights holds what ``train`` reported.

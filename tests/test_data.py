@@ -12,7 +12,8 @@ from PIL import Image
 
 from digitserve import data
 
-pytestmark = pytest.mark.unit
+#: Real MNIST under data/ (fetched once by the ``mnist`` fixture): the integration tier.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("mnist")]
 
 
 @pytest.mark.parametrize("name", sorted(data.RAW_FILES))
