@@ -9,9 +9,9 @@ stream). The handler used to send the three likeliest digits first when the inpu
 ``stream``; but TorchServe 0.12.0 tells its Python worker nothing about which RPC a request came
 from (the frontend's ``WorkerCommands`` value never crosses the socket, and Predictions and
 StreamPredictions requests carry no headers), so the handler could not tell a stream from a
-unary call, and an intermediate
-answer to a unary Predictions call made the frontend throw ("Stream is already completed"), drop
-the worker and time out every later call. A ``stream`` key is now ignored. Every answer to a gRPC
+unary call, and an intermediate answer to a unary Predictions call made the frontend throw
+("Stream is already completed"), drop the worker and time out every later call. A ``stream`` key
+is now ignored. Every answer to a gRPC
 request is marked final (response header ``ts_stream_next: false``): TorchServe 0.12.0 ends a
 StreamPredictions call only on an answer so marked, and would otherwise throw
 (NullPointerException) and kill the worker. Predictions ignores the header; REST answers do not
