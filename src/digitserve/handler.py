@@ -11,11 +11,11 @@ from (the frontend's ``WorkerCommands`` value never crosses the socket, and Pred
 StreamPredictions requests carry no headers), so the handler could not tell a stream from a
 unary call, and an intermediate answer to a unary Predictions call made the frontend throw
 ("Stream is already completed"), drop the worker and time out every later call. A ``stream`` key
-is now ignored. Every answer to a gRPC
-request is marked final (response header ``ts_stream_next: false``): TorchServe 0.12.0 ends a
-StreamPredictions call only on an answer so marked, and would otherwise throw
-(NullPointerException) and kill the worker. Predictions ignores the header; REST answers do not
-get it (there it would turn the response into a chunked stream).
+is now ignored. Every answer to a gRPC request is marked final (response header
+``ts_stream_next: false``): TorchServe 0.12.0 ends a StreamPredictions call only on an answer so
+marked, and would otherwise throw (NullPointerException) and kill the worker. Predictions
+ignores the header; REST answers do not get it (there it would turn the response into a chunked
+stream).
 
 Limits: what a request may cost is checked before anything is built from it: at most
 ``MAX_INPUT_KEYS`` input keys of at most ``MAX_KEY_CHARS`` characters, one image of at most
