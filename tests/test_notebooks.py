@@ -101,10 +101,15 @@ def check_05_robust_serving(metrics: dict) -> None:
         assert answer["predicted"] == answer["true"], (name, answer)
     statuses = {row["input"]: row["status"] for row in metrics["bad_inputs"]}
     assert set(statuses.values()) == {"INVALID_ARGUMENT"}, statuses
-    assert all(row["message"] for row in metrics["bad_inputs"])
+    longest = metrics["limits"]["max_message_chars"]
+    assert all(0 < len(row["message"]) <= longest for row in metrics["bad_inputs"])
+    assert metrics["stream_messages"] == 1
+    assert metrics["stream_key_digit"] == metrics["next_call_digit"] == metrics["with_token_digit"]
+    assert metrics["worker_pids"]["before"] == metrics["worker_pids"]["after"]
     assert metrics["no_token_status"] == "PERMISSION_DENIED"
     assert metrics["errors"] == 0 and metrics["same_digits"] is True
     assert metrics["largest_probability_gap"] < 1e-3
+    assert min(metrics["images_per_s"].values()) > 0
     assert_no_server_left()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from digitserve import preprocessing
+from digitserve import preprocessing, synthetic
 from digitserve.preprocessing import (
     MNIST_MEAN,
     MNIST_STD,
@@ -227,14 +227,21 @@ def _bad_payloads(seven: np.ndarray) -> dict[str, tuple[object, str]]:
         "bad json": ("[[0, 1], [2,", "looks like JSON but is not"),
         "bad base64": ("this is not base64!", "neither a JSON pixel list nor base64"),
         "wrong type": (12345, "payload of type int"),
-        "over max pixels": (_huge_png(5000, 5000), "over the limit of 16,000,000"),
+        "over max pixels": (_huge_png(2049, 2048), "over the kit's limit of 4,194,304"),
+        "eps": (synthetic.EPS, "not an image the kit reads"),
+        "ppm": (b"P5\n28 28\n255\n" + (255 - seven).tobytes(), "not an image the kit reads"),
+        "json nested too deeply": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        "dict in dict": ({"data": {"data": png}}, "must be"),
+        "dict without data": ({"image": png}, "must be"),
+        "list over max pixels": ([[0] * 2049] * 2048, "2048×2049 = 4,196,352 pixels"),
     }
 
 
 BAD_NAMES = [
     "empty bytes", "empty text", "random bytes", "truncated png", "blank image", "ragged list",
     "non-numbers", "1-d list", "3-d list", "over 255", "negative", "nan", "bad json",
-    "bad base64", "wrong type", "over max pixels",
+    "bad base64", "wrong type", "over max pixels", "eps", "ppm", "json nested too deeply",
+    "dict in dict", "dict without data", "list over max pixels",
 ]
 
 
@@ -258,14 +265,111 @@ def test_bad_payload_list_is_complete(seven):
 
 def test_huge_png_is_a_real_image_just_over_the_limit():
     """The limit test above is refused for its size, not because the PNG is malformed."""
-    image = Image.open(io.BytesIO(_huge_png(5000, 5000)))
-    assert image.size == (5000, 5000)
-    assert image.width * image.height > preprocessing.MAX_IMAGE_PIXELS
+    image = Image.open(io.BytesIO(_huge_png(2049, 2048)))
+    assert image.size == (2049, 2048)
+    assert image.width * image.height == preprocessing.MAX_IMAGE_PIXELS + 2048
     small = _huge_png(40, 30)
     with pytest.raises(InvalidInput, match="holds no digit"):  # decodes fine, it is just blank
         digit_from_payload(small)
-    assert len(_huge_png(5000, 5000)) < 100_000
+    assert len(_huge_png(2049, 2048)) < 100_000
 
 
 def test_invalid_input_is_a_value_error():
     assert issubclass(InvalidInput, ValueError)
+
+
+# -- cost bounded before anything is built -------------------------------------------------------
+def test_an_image_exactly_at_the_limit_is_decoded():
+    """2048×2048 passes the size check and is decoded (then refused for being blank)."""
+    side = int(preprocessing.MAX_IMAGE_PIXELS ** 0.5)
+    assert side * side == preprocessing.MAX_IMAGE_PIXELS
+    with pytest.raises(InvalidInput, match="holds no digit"):
+        digit_from_payload(_huge_png(side, side))
+
+
+def test_a_pixel_list_is_measured_before_an_array_is_built():
+    """25 million pixels claimed by 5,000 references to one row: refused from the list's shape
+    alone, before numpy builds the 100 MB array it describes."""
+    row = [0] * 5000
+    with pytest.raises(InvalidInput, match="5000×5000 = 25,000,000 pixels"):
+        digit_from_payload([row] * 5000)
+    with pytest.raises(InvalidInput, match=r"shape \(1, 0\)"):
+        digit_from_payload([[]])
+
+
+def _webp_claiming(width: int, height: int) -> bytes:
+    """A 94-byte animated WebP whose canvas header claims width×height pixels (one 1×1 frame)."""
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return tag + len(body).to_bytes(4, "little") + body + b"\0" * (len(body) % 2)
+
+    frame = encode(Image.new("RGBA", (1, 1), (255, 255, 255, 255)), "WEBP", lossless=True)[12:]
+    canvas = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    body = (b"WEBP" + chunk(b"VP8X", bytes([0x12, 0, 0, 0]) + canvas)
+            + chunk(b"ANIM", bytes(6))
+            + chunk(b"ANMF", bytes(12) + (100).to_bytes(3, "little") + b"\0" + frame))
+    return b"RIFF" + len(body).to_bytes(4, "little") + body
+
+
+def test_a_webp_canvas_over_the_limit_is_refused_from_its_header():
+    with pytest.raises(InvalidInput, match="13000×13000 = 169,000,000 pixels, over the kit's"):
+        digit_from_payload(_webp_claiming(13000, 13000))
+
+
+GARBAGE = bytes(range(256)) * 64
+
+
+def _second_frame_fails(data: bytes) -> bool:
+    """True when decoding the second frame or page of ``data`` raises."""
+    image = Image.open(io.BytesIO(data))
+    try:
+        image.seek(1)
+        image.load()
+    except Exception:  # noqa: BLE001 - Pillow raises several kinds for a broken frame
+        return True
+    return False
+
+
+def test_only_the_first_gif_frame_is_decoded(seven, expected):
+    """A GIF whose second frame is garbage still gives its first frame's digit: nothing after
+    the first frame is decoded (asking Pillow for ``n_frames`` would walk every frame)."""
+    gif = encode(Image.fromarray(255 - seven, "L"), "GIF")
+    broken = gif[:-1] + b"\x2c" + GARBAGE  # the trailer replaced by a second image descriptor
+    assert _second_frame_fails(broken)
+    assert mean_abs(digit_from_payload(broken), expected) <= 4.0
+
+
+def test_only_the_first_tiff_page_is_decoded(seven, expected):
+    """The same for a TIFF whose second page (its second IFD) is garbage."""
+    tiff = bytearray(encode(Image.fromarray(seven, "L"), "TIFF"))
+    assert tiff[:4] == b"II*\0"
+    first_ifd = int.from_bytes(tiff[4:8], "little")
+    entries = int.from_bytes(tiff[first_ifd : first_ifd + 2], "little")
+    next_pointer = first_ifd + 2 + 12 * entries
+    tiff[next_pointer : next_pointer + 4] = len(tiff).to_bytes(4, "little")
+    broken = bytes(tiff) + GARBAGE
+    assert _second_frame_fails(broken)
+    assert mean_abs(digit_from_payload(broken), expected) == 0.0
+
+
+def test_formats_outside_the_list_are_not_parsed(seven):
+    """PPM is a format Pillow decodes without help; the kit still refuses it."""
+    ppm = b"P5\n28 28\n255\n" + seven.tobytes()
+    assert Image.open(io.BytesIO(ppm)).format == "PPM"
+    with pytest.raises(InvalidInput, match=r"not an image the kit reads \(PNG, JPEG"):
+        digit_from_payload(ppm)
+
+
+# -- messages --------------------------------------------------------------------------------
+def test_quote_shows_client_text_short_and_printable():
+    assert preprocessing.quote("data") == "'data'"
+    assert preprocessing.quote("a\r\nb\x00") == "'a??b?'"
+    long = preprocessing.quote("x" * 100_000)
+    assert long == "'" + "x" * preprocessing.MAX_QUOTED_CHARS + "...'"
+    assert preprocessing.quote("é" * 5) == "'?????'"
+
+
+def test_bounded_message_is_one_short_line():
+    message = preprocessing.bounded_message("line one\nline two\r\n" + "y" * 10_000)
+    assert "\n" not in message and "\r" not in message
+    assert len(message) == preprocessing.MAX_MESSAGE_CHARS and message.endswith("...")
+    assert preprocessing.bounded_message("short") == "short"

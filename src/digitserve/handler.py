@@ -4,15 +4,25 @@ What it fixes from the blog recipe: softmax happens here, on logits; the answer 
 itself (digits are 0–9, no ``+ 1``); the model is built without downloading anything; every
 request is validated, and a bad one gets a clear message instead of "Prediction failed".
 
-Streaming: a request whose input map also holds ``stream`` (any value) and arrives through
-StreamPredictions first gets ``{"stage": "top3", "top": [...]}`` (the three likeliest digits)
-as an intermediate response, then the full answer. Only ask for it on StreamPredictions: a unary
-Predictions call completes with the first response it gets. Every answer to a gRPC request is
-marked final (response header ``ts_stream_next: false``): TorchServe 0.12.0 ends a
-StreamPredictions call only on an answer so marked, and marks one only after an intermediate
-response; a StreamPredictions request without ``stream`` would otherwise make its frontend throw
-(NullPointerException) and kill the worker ("Worker died."). Predictions ignores the header; REST
-answers do not get it (there it would turn the response into a chunked stream).
+Streaming: every call gets exactly one answer, StreamPredictions included (a one-message
+stream). The handler used to send the three likeliest digits first when the input map held
+``stream``; but TorchServe 0.12.0 tells its Python worker nothing about which RPC a request came
+from (the frontend's ``WorkerCommands`` value never crosses the socket, and Predictions and
+StreamPredictions requests carry no headers), so the handler could not tell a stream from a
+unary call, and an intermediate answer to a unary Predictions call made the frontend throw
+("Stream is already completed"), drop the worker and time out every later call. A ``stream`` key
+is now ignored. Every answer to a gRPC request is marked final (response header
+``ts_stream_next: false``): TorchServe 0.12.0 ends a StreamPredictions call only on an answer so
+marked, and would otherwise throw (NullPointerException) and kill the worker. Predictions
+ignores the header; REST answers do not get it (there it would turn the response into a chunked
+stream).
+
+Limits: what a request may cost is checked before anything is built from it: at most
+``MAX_INPUT_KEYS`` input keys of at most ``MAX_KEY_CHARS`` characters, one image of at most
+``preprocessing.MAX_IMAGE_PIXELS`` pixels (from its header, before decoding), in one of
+``preprocessing.IMAGE_FORMATS``; an OIP tensor's shape is checked before its values are read.
+Error messages quote client text (key names, datatypes) shortened and in printable ASCII, and
+are cut to ``preprocessing.MAX_MESSAGE_CHARS``.
 
 Open Inference Protocol (KServe v2): with ``ts_open_inference_protocol=true`` TorchServe also
 answers ``GRPCInferenceService/ModelInfer`` on the inference port and hands the handler
@@ -44,7 +54,6 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
@@ -59,8 +68,13 @@ logger = logging.getLogger(__name__)
 
 #: Keys a request may carry its image under: gRPC's input map and REST's raw body.
 PAYLOAD_KEYS = ("data", "body")
+#: The most input keys one request may hold, and the longest key: a request needs one ("data").
+MAX_INPUT_KEYS = 8
+MAX_KEY_CHARS = 64
 #: Open Inference Protocol datatypes a pixel tensor may have (BYTES carries an encoded image).
 OIP_PIXEL_TYPES = ("UINT8", "UINT16", "UINT32", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
+#: The most dimensions an OIP pixel tensor may have: [28, 28] or [1, 28, 28].
+OIP_MAX_DIMS = 3
 
 
 class DigitHandler(BaseHandler):
@@ -81,7 +95,9 @@ class DigitHandler(BaseHandler):
         try:
             digits, errors = read_batch(data)
         except Exception as err:  # noqa: BLE001 - anything unforeseen still gets a message
-            raise PredictionException(f"could not read the request: {err}", 500) from err
+            message = f"could not read the request ({type(err).__name__})"
+            raise PredictionException(message, 500) from err
+        errors = {index: preprocessing.bounded_message(text) for index, text in errors.items()}
         if errors and len(data) == 1:
             raise PredictionException(errors[0], 400)
         answers: dict[int, dict] = {}
@@ -91,10 +107,6 @@ class DigitHandler(BaseHandler):
             probabilities = self.predict_probabilities(batch)
             for index, row in zip(indices, probabilities.tolist(), strict=True):
                 answers[index] = self.answer(row)
-            streamed = {i: context.request_ids[i] for i in indices if "stream" in data[i]}
-            if streamed:
-                first = {i: json.dumps(top_classes(answers[i]["probabilities"])) for i in streamed}
-                send_intermediate_predict_response(first, streamed, "top3", 200, context)
         for index, message in errors.items():
             context.set_response_status(400, message, idx=index)
             answers[index] = {"error": message, "code": 400}
@@ -136,7 +148,11 @@ class DigitHandler(BaseHandler):
                 "outputs": {"digit": "INT64 [1]", "probability": "FP32 [1]",
                             "probabilities": "FP32 [10]"},
             },
-            "streaming": "StreamPredictions with the input key 'stream': top3, then the answer",
+            "streaming": "StreamPredictions answers like Predictions: one message, the answer",
+            "limits": {"max_image_pixels": preprocessing.MAX_IMAGE_PIXELS,
+                       "image_formats": list(preprocessing.IMAGE_FORMATS),
+                       "max_input_keys": MAX_INPUT_KEYS, "max_key_chars": MAX_KEY_CHARS,
+                       "max_message_chars": preprocessing.MAX_MESSAGE_CHARS},
             "preprocessing": {"image_size": preprocessing.IMAGE_SIZE,
                               "mean": preprocessing.MNIST_MEAN, "std": preprocessing.MNIST_STD},
         }
@@ -160,13 +176,6 @@ class DigitHandler(BaseHandler):
         }
 
 
-def top_classes(probabilities: list[float], k: int = 3) -> dict:
-    """The ``k`` likeliest digits: what a stream sends before the full answer."""
-    ranked = sorted(range(10), key=probabilities.__getitem__, reverse=True)[:k]
-    top = [{"digit": digit, "probability": probabilities[digit]} for digit in ranked]
-    return {"stage": f"top{k}", "top": top}
-
-
 def read_batch(data: list[dict]) -> tuple[dict, dict]:
     """Split a batch into readable digits and error messages, both keyed by request index."""
     digits, errors = {}, {}
@@ -176,22 +185,40 @@ def read_batch(data: list[dict]) -> tuple[dict, dict]:
         except preprocessing.InvalidInput as err:
             errors[index] = str(err)
         except Exception as err:  # noqa: BLE001 - one unreadable request must not fail the batch
-            errors[index] = f"the handler could not read this request ({type(err).__name__}: {err})"
+            errors[index] = (f"the handler could not read this request ({type(err).__name__}: "
+                             f"{preprocessing.quote(str(err), 80)})")
     return digits, errors
 
 
 def payload_of(request: dict) -> object:
     """The image in one request, or an error that names the keys that came and those expected."""
+    check_keys(request)
     if is_oip(request):
         return oip_payload(request["body"])
     for key in PAYLOAD_KEYS:
         if key in request and request[key] is not None:
             return request[key]
-    came = ", ".join(sorted(map(str, request))) or "none"
+    came = ", ".join(sorted(preprocessing.quote(key)[1:-1] for key in request)) or "none"
     raise preprocessing.InvalidInput(
         f"no image in the request: expected the key 'data' (gRPC input map) or a request body; "
         f"keys received: {came}"
     )
+
+
+def check_keys(request: dict) -> None:
+    """Refuse a request with more input keys than ``MAX_INPUT_KEYS`` or a key too long."""
+    if len(request) > MAX_INPUT_KEYS:
+        raise preprocessing.InvalidInput(
+            f"the request holds {len(request):,} input keys; at most {MAX_INPUT_KEYS} are "
+            "accepted: send the image under 'data' alone"
+        )
+    for key in request:
+        if len(str(key)) > MAX_KEY_CHARS:
+            raise preprocessing.InvalidInput(
+                f"an input key is {len(str(key)):,} characters long "
+                f"({preprocessing.quote(key, 20)}); keys are at most {MAX_KEY_CHARS}: "
+                "send the image under 'data'"
+            )
 
 
 def came_over_http(context, index: int) -> bool:
@@ -208,19 +235,27 @@ def is_oip(request: dict) -> bool:
 
 
 def oip_payload(body: dict) -> object:
-    """The image of an OIP request: image bytes (from BYTES) or a list of pixel rows."""
+    """The image of an OIP request: image bytes (from BYTES) or a list of pixel rows.
+
+    The shape is checked (at most ``OIP_MAX_DIMS`` sizes, each at least 1, their product within
+    ``preprocessing.MAX_IMAGE_PIXELS`` and equal to the number of values) before anything is
+    built from it.
+    """
     inputs = body["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise preprocessing.InvalidInput(
             f"an Open Inference Protocol request must hold exactly one input tensor; "
-            f"it holds {len(inputs)}"
+            f"it holds {len(inputs):,}"
         )
     tensor = inputs[0]
-    datatype, data = tensor.get("datatype"), tensor.get("data") or []
+    datatype, data = tensor.get("datatype"), tensor.get("data")
+    data = [] if data is None else data
+    if not isinstance(data, list):
+        raise preprocessing.InvalidInput("the input tensor's data is not a list of values")
     if datatype == "BYTES":
-        if len(data) != 1:
+        if len(data) != 1 or not isinstance(data[0], str):
             raise preprocessing.InvalidInput(
-                f"the BYTES input holds {len(data)} elements: send one image per request"
+                f"the BYTES input holds {len(data):,} elements: send one image per request"
             )
         try:  # TorchServe base64-encodes BYTES contents before they reach the handler
             return base64.b64decode(data[0], validate=True)
@@ -228,17 +263,40 @@ def oip_payload(body: dict) -> object:
             raise preprocessing.InvalidInput("the BYTES input is not base64 image data") from None
     if datatype not in OIP_PIXEL_TYPES:
         raise preprocessing.InvalidInput(
-            f"input datatype {datatype!r} is not supported: send BYTES (an image) or a pixel "
-            f"tensor of one of {', '.join(OIP_PIXEL_TYPES)}"
+            f"input datatype {preprocessing.quote(datatype)} is not supported: send BYTES (an "
+            f"image) or a pixel tensor of one of {', '.join(OIP_PIXEL_TYPES)}"
         )
-    shape = [int(size) for size in tensor.get("shape") or []]
-    rows = [size for size in shape if size != 1] if len(shape) > 2 else shape
-    if len(rows) != 2 or rows[0] * rows[1] != len(data):
+    height, width = oip_image_shape(tensor.get("shape"), len(data))
+    return [data[row * width : (row + 1) * width] for row in range(height)]
+
+
+def oip_image_shape(shape: object, n_values: int) -> tuple[int, int]:
+    """(height, width) of an OIP pixel tensor, from its shape, or ``InvalidInput``."""
+    expected = ("expected one image, shape [28, 28] or [1, 28, 28], with as many values as the "
+                "shape says")
+    if (not isinstance(shape, list) or not 2 <= len(shape) <= OIP_MAX_DIMS
+            or not all(type(size) is int and 1 <= size <= preprocessing.MAX_IMAGE_PIXELS
+                       for size in shape)):
+        shown = preprocessing.quote(shape, 60) if not isinstance(shape, list) else (
+            "[" + ", ".join(preprocessing.quote(size, 12).strip("'") for size in shape[:4])
+            + (f", ... ({len(shape):,} sizes)" if len(shape) > 4 else "") + "]")
         raise preprocessing.InvalidInput(
-            f"the pixel tensor has shape {shape} and {len(data)} values: expected one image, "
-            "shape [28, 28] or [1, 28, 28], with as many values as the shape says"
+            f"the pixel tensor's shape {shown} is not an image's: it takes 2 or {OIP_MAX_DIMS} "
+            f"whole sizes from 1 to {preprocessing.MAX_IMAGE_PIXELS:,}; " + expected
         )
-    return np.asarray(data).reshape(rows).tolist()
+    rows = [size for size in shape if size != 1] if len(shape) > 2 else shape
+    if len(rows) != 2:
+        raise preprocessing.InvalidInput(f"the pixel tensor has shape {shape}: {expected}")
+    if rows[0] * rows[1] > preprocessing.MAX_IMAGE_PIXELS:
+        raise preprocessing.InvalidInput(
+            f"the pixel tensor is {rows[0]:,}×{rows[1]:,} pixels, over the kit's limit of "
+            f"{preprocessing.MAX_IMAGE_PIXELS:,}: a digit needs far fewer"
+        )
+    if rows[0] * rows[1] != n_values:
+        raise preprocessing.InvalidInput(
+            f"the pixel tensor has shape {shape} and {n_values:,} values: {expected}"
+        )
+    return rows[0], rows[1]
 
 
 def _tensor(name: str, datatype: str, data: list) -> dict:

@@ -21,7 +21,7 @@ import json
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -31,15 +31,25 @@ MNIST_BOX = 20
 #: Mean and standard deviation of MNIST training pixels scaled to [0, 1].
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
-#: The largest image, in pixels, the kit decodes: beyond it a few KB can expand to gigabytes.
-MAX_IMAGE_PIXELS = 16_000_000
+#: The formats the kit reads: Pillow tries no other decoder (EPS would run Ghostscript, where
+#: installed; PSD, ICO, ... are never parsed).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+#: The largest image the kit decodes, in pixels (2048×2048): what keeps one request's cost
+#: small. A digit needs 20×20 pixels; a drawing canvas, a full-HD screenshot or a phone photo
+#: scaled to 2048 pixels on its longer side fit. ``digitserve.worst_case`` measures the time and
+#: memory of a request at this limit.
+MAX_IMAGE_PIXELS = 2048 * 2048
 #: A pixel counts as ink when it is this much brighter than the background (0–255 scale).
 INK_THRESHOLD = 32
+#: Characters of client text (a key name, a datatype) that an error message quotes.
+MAX_QUOTED_CHARS = 40
+#: The longest error message the handler sends (gRPC trailers and HTTP headers stay small).
+MAX_MESSAGE_CHARS = 300
 
 
-_too_many_pixels = (
-    f"over the limit of {MAX_IMAGE_PIXELS:,} pixels (a decompression bomb guard): "
-    "scale it down before sending"
+_over_the_limit = (
+    f"over the kit's limit of {MAX_IMAGE_PIXELS:,} pixels (2048×2048, a guard against "
+    "decompression bombs): a digit needs far fewer, so scale the image down before sending it"
 )
 
 
@@ -72,10 +82,11 @@ def normalize_digit(gray: np.ndarray) -> np.ndarray:
     then scaled so its longer side is 20 pixels and placed in 28×28 with its centre of mass in
     the middle, as in the original MNIST. Clean MNIST digits come back almost unchanged.
     """
-    gray = gray.astype(np.float32)
+    gray = gray.astype(np.float32)  # a copy: the steps below work in place on it
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if np.median(border) > 127:
-        gray, border = 255.0 - gray, 255.0 - border
+        np.subtract(255.0, gray, out=gray)
+        border = 255.0 - border
     if gray.max() - np.median(border) < INK_THRESHOLD:
         raise InvalidInput(
             "the image holds no digit: every pixel is within "
@@ -84,10 +95,17 @@ def normalize_digit(gray: np.ndarray) -> np.ndarray:
     threshold = otsu_threshold(gray)
     ground = min(float(np.percentile(border, 99)), threshold)
     ink_level = float(np.percentile(gray[gray >= threshold], 90))
-    ink = np.clip((gray - ground) / max(ink_level - ground, 1.0), 0.0, 1.0) * 255.0
-    rows = np.flatnonzero((ink >= INK_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((ink >= INK_THRESHOLD).any(axis=0))
+    ink = gray  # from here on, the same buffer holds the ink level (0-255) of every pixel
+    ink -= ground
+    ink /= max(ink_level - ground, 1.0)
+    np.clip(ink, 0.0, 1.0, out=ink)
+    ink *= 255.0
+    inked = ink >= INK_THRESHOLD
+    rows = np.flatnonzero(inked.any(axis=1))
+    cols = np.flatnonzero(inked.any(axis=0))
+    del inked
     box = torch.from_numpy(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy())
+    del ink, gray
     height, width = box.shape
     scale = MNIST_BOX / max(height, width)
     size = [max(1, round(height * scale)), max(1, round(width * scale))]
@@ -127,36 +145,66 @@ def digit_from_payload(payload: object) -> np.ndarray:
     """Read one request payload into a 28×28 uint8 digit, or raise ``InvalidInput``.
 
     Accepted: image bytes (PNG, JPEG, BMP, GIF, WebP, TIFF), the same as base64 text,
-    or JSON text / a list of pixel rows (H×W, values 0–255 or 0–1).
+    JSON text or a list of pixel rows (H×W, values 0–255 or 0–1), or ``{"data": <any of
+    those>}``. Every size is checked before anything is built from it (see ``MAX_IMAGE_PIXELS``).
     """
+    if isinstance(payload, dict):
+        if "data" not in payload or isinstance(payload["data"], dict):
+            raise InvalidInput("a JSON object payload must be {\"data\": <image or pixel rows>}")
+        payload = payload["data"]
     if isinstance(payload, (bytes, bytearray)):
         data = bytes(payload)
         if not data:
             raise InvalidInput("the payload is empty: send the bytes of an image")
         if _looks_like_text(data):
-            return digit_from_payload(data.decode("utf-8"))
+            try:
+                return digit_from_payload(data.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise InvalidInput("the payload looks like text but is not UTF-8") from None
         return normalize_digit(_gray_pixels(_open_image(data)))
     if isinstance(payload, str):
         text = payload.strip()
         if not text:
             raise InvalidInput("the payload is empty: send the bytes of an image")
         if text[0] in "[{":
-            try:
-                return digit_from_payload(json.loads(text))
-            except json.JSONDecodeError as err:
-                raise InvalidInput(f"the payload looks like JSON but is not: {err}") from None
+            return digit_from_payload(_json_value(text))
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidInput(
                 "the payload is text but neither a JSON pixel list nor base64 image data"
             ) from None
+        if not data:
+            raise InvalidInput("the payload is empty: send the bytes of an image")
         return normalize_digit(_gray_pixels(_open_image(data)))
-    if isinstance(payload, dict) and "data" in payload:
-        return digit_from_payload(payload["data"])
     if isinstance(payload, list):
         return normalize_digit(_pixels_from_list(payload))
     raise InvalidInput(f"cannot read a digit from a payload of type {type(payload).__name__}")
+
+
+def quote(value: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """Client text as an error message may show it: printable ASCII, at most ``limit`` chars."""
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except ValueError:  # an integer of more than 4,300 digits
+        text = f"<{type(value).__name__} too long to show>"
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text[: limit + 1])
+    return repr(clean[:limit] + "...") if len(text) > limit else repr(clean)
+
+
+def bounded_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """An error message fit for a gRPC trailer or an HTTP reason phrase: one line, bounded."""
+    line = "".join(c if c.isprintable() else " " for c in message[: limit + 1])
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _json_value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidInput(f"the payload looks like JSON but is not: {err}") from None
+    except RecursionError:
+        raise InvalidInput("the JSON payload is nested too deeply: send a list of rows") from None
 
 
 def _looks_like_text(data: bytes) -> bool:
@@ -171,60 +219,98 @@ def _is_base64_head(head: bytes) -> bool:
 
 
 def _open_image(data: bytes) -> Image.Image:
+    """Open ``data`` as one of ``IMAGE_FORMATS`` and decode its first frame, within the limit.
+
+    Pillow reads only the header in ``Image.open``; the size is checked before ``load`` decodes
+    anything. ``load`` decodes the first frame of a GIF, WebP or TIFF only (asking for
+    ``n_frames`` would read every frame: never done here).
+    """
     try:
-        image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:  # Pillow's own, far larger, limit: one message
+        raise InvalidInput(f"the image's header claims {_over_the_limit}") from None
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds for bytes it cannot parse
         raise InvalidInput(
-            f"the {len(data)} bytes sent are not an image PIL can read "
-            "(PNG, JPEG, BMP, GIF, WebP, TIFF)"
+            f"the {len(data):,} bytes sent are not an image the kit reads "
+            f"({', '.join(IMAGE_FORMATS)})"
         ) from None
-    except Image.DecompressionBombError:
-        raise InvalidInput(f"the image claims over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, "
-                           f"{_too_many_pixels}") from None
-    pixels = image.width * image.height
-    if pixels > MAX_IMAGE_PIXELS:
-        raise InvalidInput(
-            f"the image is {image.width}×{image.height} = {pixels:,} pixels, "
-            f"{_too_many_pixels}"
-        )
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InvalidInput(f"the image is {width}×{height} = {width * height:,} pixels, "
+                           f"{_over_the_limit}")
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as err:
-        raise InvalidInput(f"the {image.format} image is truncated or corrupt: {err}") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated or corrupt data, in any decoder
+        raise InvalidInput(
+            f"the {image.format} image is truncated or corrupt: {quote(str(err), 80)}"
+        ) from None
     return image
 
 
 def _gray_pixels(image: Image.Image) -> np.ndarray:
-    """Grayscale pixels 0–255 of any mode; transparency is laid over a ground that shows the ink."""
+    """Grayscale pixels 0–255 of any mode; transparency is laid over a ground that shows the ink.
+
+    At most two float32 arrays of the image's size exist at once (8 bytes a pixel).
+    """
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float32)
+        pixels = np.asarray(image, dtype=np.float32).copy()
         top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
-        return np.clip(pixels * (255.0 / top), 0, 255)
+        np.clip(pixels * (255.0 / top), 0, 255, out=pixels)
+        return pixels
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[..., 3:] / 255.0
-        luminance = np.asarray(image.convert("RGBA").convert("L"), dtype=np.float32)
-        ink = luminance[alpha[..., 0] > 0.5]
-        ground = 255.0 if ink.size and ink.mean() < 128 else 0.0
-        return luminance * alpha[..., 0] + ground * (1.0 - alpha[..., 0])
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        luminance = np.asarray(rgba.convert("L"), dtype=np.float32)
+        del rgba
+        opaque = alpha > 0.5
+        ink_mean = float(luminance.mean(where=opaque)) if opaque.any() else 255.0
+        del opaque
+        ground = 255.0 if ink_mean < 128 else 0.0
+        luminance *= alpha  # luminance × alpha + ground × (1 − alpha)
+        if ground:
+            alpha *= -ground
+            alpha += ground
+            luminance += alpha
+        return luminance
     return np.asarray(image.convert("L"), dtype=np.float32)
 
 
 def _pixels_from_list(rows: list) -> np.ndarray:
+    """Pixel rows as float32 0–255; the list's size is checked before any array is built."""
+    shape = _nominal_shape(rows)
+    if len(shape) != 2 or min(shape) < 1:
+        shown = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+        raise InvalidInput(
+            f"the pixel list has shape {shown}: expected a 2-D list of rows, e.g. 28×28"
+        )
+    if shape[0] * shape[1] > MAX_IMAGE_PIXELS:
+        raise InvalidInput(f"the pixel list is {shape[0]}×{shape[1]} = "
+                           f"{shape[0] * shape[1]:,} pixels, {_over_the_limit}")
     try:
         pixels = np.asarray(rows, dtype=np.float32)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidInput(
             "the pixel list is ragged or holds non-numbers: send rows of equal length"
         ) from None
-    if pixels.ndim != 2 or min(pixels.shape) < 1:
-        raise InvalidInput(
-            f"the pixel list has shape {pixels.shape}: expected a 2-D list of rows, e.g. 28×28"
-        )
-    if pixels.size > MAX_IMAGE_PIXELS:
-        raise InvalidInput(f"the pixel list has {pixels.size:,} pixels, over {MAX_IMAGE_PIXELS:,}")
+    if pixels.shape != shape:
+        raise InvalidInput("the pixel list is ragged: send rows of equal length")
     if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 255:
         raise InvalidInput("pixel values must be finite numbers from 0 to 255 (or 0 to 1)")
     if pixels.max() <= 1.0:
-        pixels = pixels * 255.0
+        pixels *= 255.0
     return pixels
+
+
+def _nominal_shape(value: object, depth: int = 4) -> tuple[int, ...]:
+    """The shape a nested list claims, read from its first elements (at most ``depth`` levels)."""
+    shape = []
+    while isinstance(value, (list, tuple)) and len(shape) < depth:
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return tuple(shape)

@@ -54,6 +54,12 @@ def decompression_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
 
 
+#: A small, valid Encapsulated PostScript file: a format the kit does not read (Pillow would run
+#: Ghostscript to decode it, where installed).
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n"
+       b"4 4 moveto 24 24 lineto stroke\nshowpage\n%%EOF\n")
+
+
 def bad_inputs(good_png: bytes) -> dict[str, tuple[dict[str, bytes], str]]:
     """Bad requests (gRPC input maps) with a phrase each one's error message must contain."""
     return {
@@ -61,10 +67,19 @@ def bad_inputs(good_png: bytes) -> dict[str, tuple[dict[str, bytes], str]]:
         "bytes that are no image": ({"data": b"\x00\x01 not an image \xff" * 4}, "not an image"),
         "truncated PNG": ({"data": good_png[: len(good_png) // 2]}, "truncated"),
         "decompression bomb": ({"data": decompression_bomb()}, "decompression bomb"),
+        "image one column over the pixel limit": (
+            {"data": decompression_bomb(2049, 2048)}, "over the kit's limit"),
+        "a format the kit does not read (EPS)": ({"data": EPS}, "not an image the kit reads"),
         "pixel list of the wrong shape": ({"data": json.dumps([1, 2, 3]).encode()}, "shape"),
         "ragged pixel list": ({"data": json.dumps([[1, 2], [3]]).encode()}, "ragged"),
+        "JSON nested 100,000 deep": (
+            {"data": b"[" * 100_000 + b"]" * 100_000}, "nested too deeply"),
         "blank image": ({"data": png(np.zeros((28, 28), np.uint8))}, "no digit"),
         "missing key": ({"image": good_png}, "keys received: image"),
+        "a key with line breaks": ({"a\r\nb": good_png}, "keys received: a??b"),
+        "a key of 1,000 characters": ({"k" * 1000: good_png}, "characters long"),
+        "nine input keys": (
+            {"data": good_png, **{f"extra{i}": b"1" for i in range(8)}}, "9 input keys"),
     }
 
 
