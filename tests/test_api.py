@@ -43,7 +43,7 @@ from digitserve.grpc_stubs import (
     open_inference_grpc_pb2,
     open_inference_grpc_pb2_grpc,
 )
-from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports
+from digitserve.server import ModelSpec, ServerSettings, TorchServe, start_on_free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -62,9 +62,9 @@ CALL_DEADLINE_S = 60.0
 # -- fixtures -------------------------------------------------------------------------------------
 def start_server(run_dir: Path, store: Path, recorder, **settings) -> TorchServe:
     """Start a TorchServe of this module's own, recorded so the session checks it is stopped."""
-    server = TorchServe(ServerSettings(ports=free_ports(), run_dir=run_dir, model_store=store,
-                                       **settings))
-    server.start()  # on failure it has already stopped what it started
+    # Free ports, chosen again if another process takes one first; a failed start has already
+    # stopped what it started.
+    server = start_on_free_ports(ServerSettings(run_dir=run_dir, model_store=store, **settings))
     recorder(server.process.pid)
     return server
 

@@ -22,7 +22,7 @@ import torch
 from digitserve import evaluate, preprocessing, synthetic
 from digitserve.client import DigitClient, InvalidInputError
 from digitserve.grpc_stubs import inference_pb2, inference_pb2_grpc
-from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports
+from digitserve.server import ModelSpec, ServerSettings, TorchServe, start_on_free_ports
 from digitserve.tls import make_self_signed
 
 pytestmark = pytest.mark.integration
@@ -172,12 +172,12 @@ def test_tls_and_expiring_tokens(model_store, tmp_path, sample, server_group_rec
     """gRPC over TLS with a self-signed certificate; a key that expires is renewed and retried."""
     certificate = make_self_signed(tmp_path / "tls")
     settings = ServerSettings(
-        ports=free_ports(), run_dir=tmp_path / "run", model_store=model_store,
-        models=(ModelSpec(),), tls=certificate,
-        extra_properties={"token_expiration_min": "0.1"},  # 6 seconds
+        run_dir=tmp_path / "run", model_store=model_store, models=(ModelSpec(),),
+        tls=certificate, extra_properties={"token_expiration_min": "0.1"},  # 6 seconds
     )
-    with TorchServe(settings) as server:
+    with start_on_free_ports(settings) as server:
         server_group_recorder(server.process.pid)
+        settings = server.settings
         with DigitClient.for_run_dir(server.run_dir) as client:
             assert client.predict(sample[0]).digit == sample[1]
             key_before = json.loads(server.key_file.read_text())["inference"]["key"]

@@ -45,7 +45,7 @@ from digitserve.config import (
 )
 from digitserve.control import read_state, status, stop_run_dir, stop_session
 from digitserve.environment import dropped_lines, kit_environment, reason
-from digitserve.errors import PortsInUseError, ServerError, ServingError
+from digitserve.errors import PortsInUseError, ServerError, ServingError, token_refused
 from digitserve.grpc_stubs import management_pb2, management_pb2_grpc
 from digitserve.java import MIN_JAVA, Java, find_java, java_version
 from digitserve.ports import busy_ports, free_ports, port_is_free
@@ -312,7 +312,8 @@ class TorchServe:
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"
         tls = self.settings.tls.cert if self.settings.tls else None
-        keys = Keys(self.key_file if self.settings.token_auth else None)
+        keys = Keys(self.key_file if self.settings.token_auth else None,
+                    f"http://{HOST}:{self.settings.ports.http_management}", PROBE_DEADLINE_S)
         target = f"{HOST}:{self.settings.ports.grpc_management}"
         with open_channel(target, tls) as channel:
             stub = management_pb2_grpc.ManagementAPIsServiceStub(channel)
@@ -361,7 +362,8 @@ class TorchServe:
         control.forget(self)
 
     def __enter__(self) -> TorchServe:
-        return self.start()
+        """Start the server (unless this instance runs it already); stop it on leaving."""
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -382,14 +384,18 @@ def start_on_free_ports(settings: ServerSettings, attempts: int = 3,
 
 
 def _model_ready(stub, keys: Keys, spec: ModelSpec) -> bool:
+    """True when ``spec`` has a READY worker; a key that expired while the workers load (a
+    small ``token_expiration_min``) is renewed."""
     request = management_pb2.DescribeModelRequest(model_name=spec.name,
                                                   model_version=spec.version)
+    metadata = keys.metadata("management")
     try:
-        reply = stub.DescribeModel(request, timeout=PROBE_DEADLINE_S,
-                                   metadata=keys.metadata("management"))
+        reply = stub.DescribeModel(request, timeout=PROBE_DEADLINE_S, metadata=metadata)
     except grpc.RpcError as err:
         if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL):
             return False  # not registered yet
+        if token_refused(err) and keys.renew("management", metadata):
+            return False  # ask again with the new key
         raise
     return any(worker.get("status") == "READY"
                for entry in json.loads(reply.msg) for worker in entry.get("workers", []))
