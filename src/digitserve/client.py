@@ -13,7 +13,6 @@ import asyncio
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,7 +21,6 @@ from google.protobuf import empty_pb2
 from digitserve import runrecord
 from digitserve.channel import CHANNEL_OPTIONS, IDEMPOTENT_REQUESTS, Keys, open_channel, read_key
 from digitserve.config import (
-    MAX_MESSAGE_BYTES,
     MODEL_NAME,
     RPC_DEADLINE_S,
     RUN_DIR,
@@ -48,73 +46,19 @@ from digitserve.grpc_stubs import (
     management_pb2,
     management_pb2_grpc,
 )
+from digitserve.payload import MAX_IMAGE_BYTES, Prediction, read_image
 from digitserve.progress import progress as progress_bar
 
 __all__ = [
     "CHANNEL_OPTIONS", "AsyncDigitClient", "AuthError", "DeadlineError", "DigitClient",
     "InvalidInputError", "ModelNotFoundError", "Prediction", "RequestTooLargeError",
     "ServerBusyError", "ServerUnavailableError", "ServingError", "WorkerDiedError", "read_key",
-    "token_refused",
+    "token_refused", "MAX_IMAGE_BYTES", "read_image",
 ]
-
-#: The most image bytes one request may carry: the message limit less room for the envelope.
-MAX_IMAGE_BYTES = MAX_MESSAGE_BYTES - 4096
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One answer of the served model."""
-
-    digit: int
-    probability: float
-    probabilities: list[float]
-    model_version: str
-
-    @classmethod
-    def from_json(cls, body: bytes) -> Prediction:
-        try:
-            answer = json.loads(body)
-            if "error" in answer:
-                raise InvalidInputError(str(answer["error"])[:500], "OK")
-            return cls(answer["digit"], answer["probability"], answer["probabilities"],
-                       answer.get("model_version", ""))
-        except (ValueError, TypeError, KeyError) as err:
-            raise ServingError(f"TorchServe's answer is not a prediction ({err!r:.100}): "
-                               f"{bytes(body)[:100]!r}", "OK") from None
-
 
 def _status_name(value: int) -> str:
     """The name of a numeric google.rpc status code, e.g. 3 → ``INVALID_ARGUMENT``."""
     return next((code.name for code in grpc.StatusCode if code.value[0] == value), str(value))
-
-
-def read_image(image: bytes | str | Path) -> bytes:
-    """The bytes of an image given as bytes or as a path, refused before reading when the file
-    is not a regular file or is over the request limit (so ``/dev/zero`` is never read)."""
-    if not isinstance(image, (str, Path)):
-        data = bytes(image)
-    else:
-        path = Path(image)
-        try:
-            if not path.is_file():
-                kind = "a directory" if path.is_dir() else (
-                    "not a regular file" if path.exists() else "not found")
-                raise InvalidInputError(f"{path} is {kind}: give the path of an image file.")
-            size = path.stat().st_size
-            if size > MAX_IMAGE_BYTES:
-                raise RequestTooLargeError(_too_large(size))
-            with open(path, "rb") as file:
-                data = file.read(MAX_IMAGE_BYTES + 1)
-        except OSError as err:
-            raise InvalidInputError(f"cannot read {path}: {err.strerror or err}.") from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise RequestTooLargeError(_too_large(len(data)))
-    return data
-
-
-def _too_large(size: int) -> str:
-    return (f"the image is {size:,} bytes; requests are limited to {MAX_IMAGE_BYTES:,} bytes of "
-            "image (config.MAX_MESSAGE_BYTES, shared with the server): scale it down.")
 
 
 class _Base:
