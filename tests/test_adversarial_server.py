@@ -179,6 +179,8 @@ def test_cli_server_survives_stale_records_hostile_environment_and_a_crash(
         listening = {conn.laddr.ip for conn in psutil.net_connections("tcp")
                      if conn.status == psutil.CONN_LISTEN and conn.laddr.port in astuple(ports)}
         assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+        assert not any(conn.laddr.port == ports.metrics and conn.status == psutil.CONN_LISTEN
+                       for conn in psutil.net_connections("tcp"))  # the tokenless metrics API
         with client.DigitClient.for_run_dir(run_dir, deadline_s=CALL_DEADLINE_S) as c:
             assert c.predict(png).model_version == MODEL_VERSION  # no shadowed module, rank 0
             with pytest.raises(client.ServingError, match="model API"):

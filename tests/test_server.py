@@ -41,6 +41,7 @@ def test_everything_binds_to_loopback_with_token_auth_on(tmp_path):
     # private folder (a workflow registers models even with the model API off).
     assert props["model_store"] == str(tmp_path / "model_store")
     assert props["workflow_store"] == str(tmp_path / "workflows")
+    assert props["enable_metrics_api"] == "false"  # it would answer without a token
     assert props["max_request_size"] == props["max_response_size"]
     assert "enable_grpc_ssl" not in props
 

@@ -151,6 +151,8 @@ def config_properties(settings: ServerSettings) -> str:
         "workflow_store": str(Path(settings.run_dir) / "workflows"),
         "install_py_dep_per_model": "false",
         "disable_system_metrics": "true",
+        # The metrics API answers without a token; the kit reads no metrics from it.
+        "enable_metrics_api": "false",
         "number_of_netty_threads": "2",
         "netty_client_threads": "2",
         "vmargs": settings.vmargs,
