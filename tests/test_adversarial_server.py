@@ -217,10 +217,11 @@ def test_cli_server_survives_stale_records_hostile_environment_and_a_crash(
         # A port really held by another process is named with its pid.
         with socket.socket() as holder:
             holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            holder.bind((HOST, ports.metrics))
+            holder.bind((HOST, ports.http_inference))
             holder.listen()
             refused = digitserve("serve", "start", env=env, timeout=CLI_TIMEOUT_S)
-            one_line_failure(refused, 1, f"metrics {ports.metrics} (pid {os.getpid()}: ")
+            held = f"http_inference {ports.http_inference} (pid {os.getpid()}: "
+            one_line_failure(refused, 1, held)
             assert f"no process has pid {record.pid} any more" in refused.stderr
         restarted = digitserve("serve", "start", env=env, timeout=CLI_TIMEOUT_S)
         if runrecord.path(run_dir).exists():
