@@ -315,3 +315,19 @@ def test_cli_help_documents_the_exit_statuses():
                             capture_output=True, text=True, check=True, timeout=60)
     for status in ("3    TorchServe not running", "4    bad image"):
         assert status in result.stdout
+
+
+def test_the_record_waits_for_the_started_program_s_command_line(tmp_path):
+    """Popen returns before the kernel has set up the new program's arguments; the record is
+    made from the program's own command line, never an empty or the parent's one."""
+    for _ in range(20):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                                  "--marker"], start_new_session=True)
+        try:
+            record = runrecord.for_process(psutil.Process(child.pid), ports.free_ports(),
+                                           expect="--marker", key_file="k", log_file="l")
+            assert record.cmdline[-1] == "--marker"
+            assert runrecord.owned_process(record)[0] is not None
+        finally:
+            child.kill()
+            child.wait()

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,12 +76,23 @@ def path(run_dir: Path) -> Path:
     return Path(run_dir) / FILE_NAME
 
 
-def for_process(process: psutil.Process, ports: Ports, **fields) -> RunRecord:
-    """A record for a freshly started TorchServe launcher process."""
-    with process.oneshot():
-        return RunRecord(pid=process.pid, create_time=process.create_time(),
-                         cmdline=tuple(process.cmdline()), ports=ports,
-                         uid=process.uids().real, **fields)
+def for_process(process: psutil.Process, ports: Ports, expect: str = "",
+                settle_s: float = 5.0, **fields) -> RunRecord:
+    """A record for a freshly started process.
+
+    Right after ``Popen`` returns, the kernel may not have set up the new program's arguments
+    yet (an empty command line, or the parent's): the command line is read again until it
+    contains ``expect`` (for up to ``settle_s``).
+    """
+    end = time.monotonic() + settle_s
+    while True:
+        with process.oneshot():
+            cmdline = tuple(process.cmdline())
+            record = RunRecord(pid=process.pid, create_time=process.create_time(),
+                               cmdline=cmdline, ports=ports, uid=process.uids().real, **fields)
+        if (cmdline and (not expect or expect in cmdline)) or time.monotonic() > end:
+            return record
+        time.sleep(0.01)
 
 
 def write(run_dir: Path, record: RunRecord) -> Path:
@@ -155,7 +167,8 @@ def owned_process(record: RunRecord) -> tuple[psutil.Process | None, str]:
         return None, f"pid {record.pid} is now a process this user may not inspect"
     if uid != os.getuid() or (record.uid >= 0 and uid != record.uid):
         return None, f"pid {record.pid} now belongs to another user (uid {uid})"
-    if abs(create_time - record.create_time) > CREATE_TIME_TOLERANCE_S or cmdline != record.cmdline:
+    if abs(create_time - record.create_time) > CREATE_TIME_TOLERANCE_S or (
+            record.cmdline and cmdline != record.cmdline):
         shown = " ".join(cmdline)[:80] or "?"
         return None, f"pid {record.pid} is now another program ({shown})"
     if zombie:

@@ -240,7 +240,7 @@ class TorchServe:
         control.stop_on_sigterm(self)
         try:
             runrecord.write(self.run_dir, runrecord.for_process(
-                psutil.Process(self.process.pid), self.settings.ports,
+                psutil.Process(self.process.pid), self.settings.ports, expect=str(config),
                 java=asdict(java), host=HOST, key_file=str(self.key_file),
                 log_file=str(self.log_file), model_store=str(self.settings.model_store),
                 models=tuple(asdict(spec) for spec in self.settings.models),
