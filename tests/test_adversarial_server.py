@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from digitserve import archive, client, runrecord, synthetic
+from digitserve import ports as ports_module
 from digitserve.config import HOST, MODEL_NAME, MODEL_VERSION, STARTUP_TIMEOUT_S, Ports
 from digitserve.grpc_stubs import management_pb2
 from digitserve.model import DigitCNN
@@ -431,9 +432,20 @@ def test_with_the_model_api_off_workflows_cannot_register_models(poison_server):
 
 # -- 6: with the model API on, only .mar files of the store ---------------------------------------
 def test_with_the_model_api_on_only_mar_files_of_the_store_register(
-    tmp_path, store, server_group_recorder
+    tmp_path, store, server_group_recorder, monkeypatch
 ):
-    server = start(tmp_path / "run", store, server_group_recorder, enable_model_api=True)
+    # The first ports chosen are taken before TorchServe binds them: it starts on others.
+    from digitserve import server as server_module
+
+    with socket.socket() as holder:
+        holder.bind((HOST, 0))
+        holder.listen()
+        taken = Ports(*astuple(server_module.free_ports())[:4], holder.getsockname()[1])
+        choices = iter([taken])
+        monkeypatch.setattr(server_module, "free_ports",
+                            lambda: next(choices, None) or ports_module.free_ports())
+        server = start(tmp_path / "run", store, server_group_recorder, enable_model_api=True)
+    assert server.settings.ports != taken
     try:
         with client.DigitClient.for_run_dir(server.run_dir, deadline_s=180) as c:
             for url in ("unpacked", str(store / "unpacked"), "../unpacked"):
@@ -543,31 +555,34 @@ def test_a_process_ended_by_sigterm_stops_its_server(tmp_path, store, server_gro
     finally:
         if starter.poll() is None:
             starter.kill()
+            starter.wait()
+        left = runrecord.read(tmp_path / "run")
+        if left is not None and group(left.pid):
+            os.killpg(left.pid, signal.SIGKILL)
 
 
 def test_a_notebook_kernel_ended_by_sigterm_stops_its_server(tmp_path, store,
                                                               server_group_recorder):
     from jupyter_client.manager import KernelManager
 
+    run_dir = tmp_path / "run"
     manager = KernelManager(kernel_name="python3")
     manager.start_kernel(env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     kernel = manager.client()
     kernel.start_channels()
     try:
         kernel.wait_for_ready(timeout=120)
-        outputs: list[dict] = []
         code = (f"from pathlib import Path\nfrom digitserve.server import ServerSettings, "
                 f"start_on_free_ports\nserver = start_on_free_ports(ServerSettings("
-                f"run_dir=Path({str(tmp_path / 'run')!r}), model_store=Path({str(store)!r})))\n"
-                "print(server.process.pid)")
-        reply = kernel.execute_interactive(code, timeout=CLI_TIMEOUT_S,
-                                           output_hook=lambda msg: outputs.append(msg))
+                f"run_dir=Path({str(run_dir)!r}), model_store=Path({str(store)!r})))")
+        reply = kernel.execute_interactive(code, timeout=CLI_TIMEOUT_S)
+        record = runrecord.read(run_dir)
+        if record is not None:
+            server_group_recorder(record.pid)
         assert reply["content"]["status"] == "ok", reply["content"]
-        pgid = int(next(m["content"]["text"] for m in outputs if m["msg_type"] == "stream"
-                        and m["content"]["name"] == "stdout").split()[0])
-        server_group_recorder(pgid)
+        assert group(record.pid)
         manager.signal_kernel(signal.SIGTERM)
-        assert wait_gone(pgid) == []
+        assert wait_gone(record.pid) == []
         end = time.monotonic() + 30
         while manager.is_alive() and time.monotonic() < end:
             time.sleep(0.2)
@@ -576,4 +591,6 @@ def test_a_notebook_kernel_ended_by_sigterm_stops_its_server(tmp_path, store,
         kernel.stop_channels()
         if manager.is_alive():
             manager.shutdown_kernel(now=True)
-
+        left = runrecord.read(run_dir)
+        if left is not None and group(left.pid):
+            os.killpg(left.pid, signal.SIGKILL)

@@ -320,12 +320,13 @@ class TorchServe:
         with open_channel(target, tls) as channel:
             stub = management_pb2_grpc.ManagementAPIsServiceStub(channel)
             while time.monotonic() < deadline:
-                if self.process is not None and self.process.poll() is not None:
+                exited = self.process is not None and self.process.poll() is not None
+                self._raise_diagnosis()
+                if exited:
                     raise ServerError(
                         f"TorchServe exited with code {self.process.returncode} while starting."
                         f"\nLast lines of {self.log_file}:\n{tail(self.log_file)}"
                     )
-                self._raise_diagnosis()
                 if self.key_file.exists() or not self.settings.token_auth:
                     try:
                         if all(_model_ready(stub, keys, spec) for spec in self.settings.models):
