@@ -19,14 +19,16 @@ import torch
 from PIL import Image
 
 from digitserve import data, evaluate, preprocessing, protos
-from digitserve.config import HOST, MODEL_NAME, MODEL_VERSION, Ports
+from digitserve.config import HOST, MODEL_NAME, MODEL_VERSION, STARTUP_TIMEOUT_S, Ports
 from digitserve.server import port_is_free
 
 pytestmark = pytest.mark.integration
 
 DIGITSERVE = Path(sys.executable).with_name("digitserve")
 PREDICTION_KEYS = {"image", "digit", "probability", "probabilities", "model_version"}
-START_TIMEOUT_S = 300
+#: ``serve start`` waits up to config.STARTUP_TIMEOUT_S for the model; the rest is Python's and
+#: Java's start-up on a busy machine.
+START_TIMEOUT_S = STARTUP_TIMEOUT_S + 120
 
 
 def digitserve(*args: str, env: dict[str, str], timeout: float = 120
@@ -250,7 +252,8 @@ def test_status_after_sigkill_is_stale_and_start_recovers(cli, samples, expected
     assert report["pid"] == pid and "stale" in report["message"]
 
     result = start(cli)
-    assert f"stale server record (pid {pid})" in result.stdout
+    assert (f"removed the stale run record of {cli['run_dir']} (no process has pid {pid} any "
+            "more); nothing was signalled.") in result.stderr
     code, report = status(cli)
     assert code == 0 and report["running"] is True and report["pid"] != pid
     check_predictions(cli, samples[:3], expected_digits[:3])

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 from digitserve.server import (
+    DEFAULT_VMARGS,
     ModelSpec,
+    ServerError,
     ServerSettings,
+    TorchServe,
     config_properties,
     diagnose_log,
     find_java,
@@ -33,7 +36,12 @@ def test_everything_binds_to_loopback_with_token_auth_on(tmp_path):
     assert props["grpc_inference_port"] == str(ports.grpc_inference)
     assert props["disable_token_authorization"] == "false"
     assert props["enable_model_api"] == "false"
-    assert props["allowed_urls"] == f"file://{tmp_path}/.*"
+    assert props["allowed_urls"] == f"file://{tmp_path}/[^/]+\\.mar"
+    # TorchServe reads links to the store's .mar files, and looks for workflows in an empty
+    # private folder (a workflow registers models even with the model API off).
+    assert props["model_store"] == str(tmp_path / "model_store")
+    assert props["workflow_store"] == str(tmp_path / "workflows")
+    assert props["enable_metrics_api"] == "false"  # it would answer without a token
     assert props["max_request_size"] == props["max_response_size"]
     assert "enable_grpc_ssl" not in props
 
@@ -63,5 +71,26 @@ def test_java_home_that_does_not_run_falls_back(monkeypatch, tmp_path):
 def test_log_diagnosis_names_the_missing_module():
     log = "ModuleNotFoundError: No module named 'captum'\nWorker died.\n"
     assert "'captum'" in diagnose_log(log)
-    assert diagnose_log("Worker died.\n" * 3) is not None
+    assert "keeps dying" in diagnose_log("Worker died.\n" * 3)
+    assert "already in use" in diagnose_log("java.net.BindException: Address already in use")
     assert diagnose_log("Model digitmodel loaded.\n") is None
+
+
+def test_vmargs_log4j2_config_and_environment_reach_torchserve(tmp_path):
+    log4j2 = tmp_path / "log4j2.xml"
+    log4j2.write_text("<Configuration/>")
+    settings = ServerSettings(run_dir=tmp_path, model_store=tmp_path, vmargs="-Xmx512m",
+                              log4j2_config=log4j2, environment={"OMP_WAIT_POLICY": "PASSIVE",
+                                                                 "OMP_NUM_THREADS": "2"})
+    assert properties(settings)["vmargs"] == "-Xmx512m"
+    assert properties(ServerSettings(run_dir=tmp_path))["vmargs"] == DEFAULT_VMARGS
+    server = TorchServe(settings)
+    command = server._command(tmp_path / "config.properties")
+    assert command[command.index("--log-config") + 1] == str(log4j2.resolve())
+    assert "--log-config" not in TorchServe(ServerSettings(run_dir=tmp_path))._command(tmp_path)
+    env = server._environment(find_java())
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["OMP_NUM_THREADS"] == "2"  # set after the kit's own (torch_threads: 1)
+    missing = TorchServe(ServerSettings(run_dir=tmp_path, log4j2_config=tmp_path / "nope.xml"))
+    with pytest.raises(ServerError, match="nope.xml"):
+        missing._command(tmp_path)

@@ -9,29 +9,78 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
 from digitserve import config
 
+#: Exit statuses of every command (also in ``digitserve --help``).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_BAD_IMAGE, EXIT_INTERRUPTED = (
+    0, 1, 2, 3, 4, 130)
+EXIT_CODES = f"""exit status:
+  {EXIT_OK}    done
+  {EXIT_FAILED}    failed (the message says why)
+  {EXIT_USAGE}    wrong command line
+  {EXIT_UNREACHABLE}    TorchServe not running, not reachable, or busy (`digitserve serve status`)
+  {EXIT_BAD_IMAGE}    bad image: unreadable, not an image, over the size limit
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+set DIGITSERVE_DEBUG=1 to see a Python traceback for an unexpected error."""
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run one command; its exit status is the return value."""
+    """Parse the command line and run one command; its exit status is the return value.
+
+    Every failure is one line on stderr and an exit status from EXIT_CODES, never a traceback.
+    """
+    logging.basicConfig(format="digitserve: %(message)s", level=logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return args.run(args) or EXIT_OK
+    except KeyboardInterrupt:
+        print(f"digitserve {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - one line and an exit status, whatever failed
+        if os.environ.get("DIGITSERVE_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"digitserve {args.command}: {one_line(err)}", file=sys.stderr)
+        return exit_status(err)
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error's message; where it goes on with a log, where that log is."""
     from digitserve.client import ServingError
     from digitserve.server import ServerError
 
-    try:
-        return args.run(args) or 0
-    except (ServingError, ServerError, FileNotFoundError, RuntimeError) as err:
-        print(f"digitserve {args.command}: {err}", file=sys.stderr)
-        return 1
+    lines = str(err).splitlines() or [""]
+    text = lines[0]
+    if not isinstance(err, (ServingError, ServerError, OSError)):
+        text = f"unexpected {type(err).__name__}: {text} (DIGITSERVE_DEBUG=1 shows where)"
+    logs = [line for line in lines[1:] if line.startswith("Last lines of ")]
+    if logs:
+        text += f" (see {logs[0].removeprefix('Last lines of ').rstrip(':')})"
+    return text
+
+
+def exit_status(err: BaseException) -> int:
+    """The exit status for an error: EXIT_UNREACHABLE, EXIT_BAD_IMAGE or EXIT_FAILED."""
+    from digitserve.client import InvalidInputError, RequestTooLargeError, ServerUnavailableError
+
+    if isinstance(err, ServerUnavailableError):
+        return EXIT_UNREACHABLE
+    if isinstance(err, (InvalidInputError, RequestTooLargeError)):
+        return EXIT_BAD_IMAGE
+    return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="digitserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="digitserve", description=__doc__.splitlines()[0],
+                                     epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     check = commands.add_parser("check", help="check torch/torchvision and Java on this machine")
@@ -98,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         args, lambda c: list(c.stream(args.image, version=args.version))))
     for command in (models, describe, register, unregister, scale, set_default, stream):
         command.add_argument("--json", action="store_true", help="print JSON")
+    for command in (serve, models, describe, register, unregister, scale, set_default, stream):
+        command.epilog, command.formatter_class = EXIT_CODES, argparse.RawDescriptionHelpFormatter
 
     demo = commands.add_parser("demo", help="run every notebook at its full setting (make demo)")
     demo.add_argument("--quick", action="store_true", help="the CI setting of every notebook")
@@ -123,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--version", default="", help="model version (default: the default)")
     predict.add_argument("--json", action="store_true", help="JSON lines (the default output)")
     predict.set_defaults(run=run_predict)
+    predict.epilog, predict.formatter_class = EXIT_CODES, argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -211,21 +263,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.action == "start":
         spec = ModelSpec(batch_size=args.batch_size, workers=args.workers)
         settings = ServerSettings(models=(spec,), enable_model_api=args.enable_model_api)
-        stale = status(config.RUN_DIR)
-        if stale.get("pid") and not stale.get("running"):
-            stop_run_dir(config.RUN_DIR)
-            print(f"cleaned up a stale server record (pid {stale['pid']})")
-        server = TorchServe(settings)
-        server.start()
-        # The server outlives this command: it is stopped with `digitserve serve stop`.
-        import atexit
-
-        atexit.unregister(server.stop)
+        server = TorchServe(settings).start()  # a stale record is removed, with a warning
+        server.detach()  # the server outlives this command: `digitserve serve stop` ends it
         ports = server.settings.ports
         print(f"TorchServe is serving {spec.name} {spec.version}: gRPC inference "
               f"{config.HOST}:{ports.grpc_inference}, management {config.HOST}:"
               f"{ports.grpc_management}; key file {server.key_file}; logs in {server.run_dir}")
-        return 0
+        return EXIT_OK
     if args.action == "stop":
         print("TorchServe stopped" if stop_run_dir(config.RUN_DIR)
               else f"no TorchServe was running from {config.RUN_DIR}")
@@ -239,7 +283,7 @@ def run_serve(args: argparse.Namespace) -> int:
             ports = report["ports"]
             print(f"gRPC inference {report['host']}:{ports['grpc_inference']}, management "
                   f"{report['host']}:{ports['grpc_management']}; key file {report['key_file']}")
-    return 0 if report.get("running") else 3
+    return EXIT_OK if report.get("running") else EXIT_UNREACHABLE
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -308,19 +352,24 @@ def management(args: argparse.Namespace, call) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    """One JSON line per image; the exit status of the worst failure (unreachable first)."""
     from digitserve.client import DigitClient, ServingError
 
-    failures = 0
+    failures: list[ServingError] = []
     with DigitClient.for_run_dir(config.RUN_DIR) as client:
         for image in args.images:
             try:
                 prediction = client.predict(image, version=args.version)
                 answer = {"image": str(image), **asdict(prediction)}
-            except (ServingError, OSError) as err:
-                failures += 1
+            except ServingError as err:
+                failures.append(err)
                 answer = {"image": str(image), "error": str(err)}
             print(json.dumps(answer))
-    return 1 if failures else 0
+    statuses = {exit_status(err) for err in failures}
+    for status in (EXIT_UNREACHABLE, EXIT_BAD_IMAGE, EXIT_FAILED):
+        if status in statuses:
+            return status
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -2,29 +2,43 @@
 
 Every call carries ``authorization: Bearer <key>`` (TorchServe 0.12.0 enforces tokens, on gRPC
 too, Ping included) and a deadline; every failure becomes a ``ServingError`` subclass whose
-message says what happened and what to do.
+message says what happened and what to do. Channels and keys come from ``digitserve.channel``,
+the server's addresses from its run record (``digitserve.runrecord``), the errors from
+``digitserve.errors``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from google.protobuf import empty_pb2
 
+from digitserve import runrecord
+from digitserve.channel import CHANNEL_OPTIONS, IDEMPOTENT_REQUESTS, Keys, open_channel, read_key
 from digitserve.config import (
-    HOST,
-    MAX_MESSAGE_BYTES,
     MODEL_NAME,
     RPC_DEADLINE_S,
     RUN_DIR,
     WORKER_DEADLINE_S,
+)
+from digitserve.errors import (
+    AuthError,
+    DeadlineError,
+    InvalidInputError,
+    ModelNotFoundError,
+    RequestTooLargeError,
+    ServerBusyError,
+    ServerUnavailableError,
+    ServingError,
+    WorkerDiedError,
+    explain,
+    token_refused,
+    worker_died,
 )
 from digitserve.grpc_stubs import (
     inference_pb2,
@@ -32,118 +46,73 @@ from digitserve.grpc_stubs import (
     management_pb2,
     management_pb2_grpc,
 )
+from digitserve.payload import MAX_IMAGE_BYTES, Prediction, read_image
 from digitserve.progress import progress as progress_bar
 
-#: Channel options shared by every channel the kit opens: message sizes match the server's
-#: ``max_request_size``; keepalive pings find a dead server between calls.
-CHANNEL_OPTIONS = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.enable_retries", 1),
-    # Predictions are idempotent: retry them when no worker can take them right now: TorchServe
-    # answers UNAVAILABLE while workers restart and RESOURCE_EXHAUSTED "Worker died." for a
-    # request whose worker was killed under it. (Oversized requests are refused before sending.)
-    ("grpc.service_config", json.dumps({"methodConfig": [{
-        "name": [{"service": "org.pytorch.serve.grpc.inference.InferenceAPIsService",
-                  "method": "Predictions"}],
-        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]},
-    }]})),
-)
-
-
-#: The most image bytes one request may carry: the message limit less room for the envelope.
-MAX_IMAGE_BYTES = MAX_MESSAGE_BYTES - 4096
-
-
-class ServingError(Exception):
-    """A call to TorchServe failed; the message says why and what to do.
-
-    ``code`` is the gRPC status name (e.g. ``INVALID_ARGUMENT``), or ``OK`` for an error
-    answer inside a batch, or ``""`` when the client refused before sending.
-    """
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class InvalidInputError(ServingError):
-    """The server could not read the image (INVALID_ARGUMENT, or an error answer in a batch)."""
-
-
-class ModelNotFoundError(ServingError):
-    """The model or version asked for is not served."""
-
-
-class AuthError(ServingError):
-    """The token was missing, wrong or expired (PERMISSION_DENIED)."""
-
-
-class ServerUnavailableError(ServingError):
-    """Nothing answers at the address, or the server is restarting its workers."""
-
-
-class DeadlineError(ServingError):
-    """The call took longer than its deadline."""
-
-
-class RequestTooLargeError(ServingError):
-    """The request is over the size limit the client and server share."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One answer of the served model."""
-
-    digit: int
-    probability: float
-    probabilities: list[float]
-    model_version: str
-
-    @classmethod
-    def from_json(cls, body: bytes) -> Prediction:
-        answer = json.loads(body)
-        if "error" in answer:
-            raise InvalidInputError(answer["error"], "OK")
-        return cls(answer["digit"], answer["probability"], answer["probabilities"],
-                   answer.get("model_version", ""))
-
-
-def _channel(target: str, tls_cert: Path | None) -> grpc.Channel:
-    if tls_cert is None:
-        return grpc.insecure_channel(target, CHANNEL_OPTIONS)
-    credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_cert).read_bytes())
-    return grpc.secure_channel(target, credentials, CHANNEL_OPTIONS)
-
-
-def token_refused(err: grpc.RpcError) -> bool:
-    """PERMISSION_DENIED because of the token (not because the model API is off)."""
-    return (err.code() == grpc.StatusCode.PERMISSION_DENIED
-            and "model api" not in (err.details() or "").lower())
-
+__all__ = [
+    "CHANNEL_OPTIONS", "AsyncDigitClient", "AuthError", "DeadlineError", "DigitClient",
+    "InvalidInputError", "ModelNotFoundError", "Prediction", "RequestTooLargeError",
+    "ServerBusyError", "ServerUnavailableError", "ServingError", "WorkerDiedError", "read_key",
+    "token_refused", "MAX_IMAGE_BYTES", "read_image",
+]
 
 def _status_name(value: int) -> str:
     """The name of a numeric google.rpc status code, e.g. 3 → ``INVALID_ARGUMENT``."""
     return next((code.name for code in grpc.StatusCode if code.value[0] == value), str(value))
 
 
-def read_key(key_file: Path, api: str) -> str:
-    """The ``inference`` or ``management`` key from TorchServe's key file."""
-    try:
-        keys = json.loads(Path(key_file).read_text())
-    except FileNotFoundError:
-        raise AuthError(
-            f"no key file at {key_file}: is TorchServe running (`digitserve serve status`)?"
-        ) from None
-    return keys[api]["key"]
+class _Base:
+    """What the blocking and the asyncio client share: key handling, requests, errors."""
+
+    keys: Keys
+    deadline_s: float
+    model_name: str
+
+    @property
+    def key_file(self) -> Path | None:
+        return self.keys.key_file
+
+    @property
+    def token_api_url(self) -> str | None:
+        return self.keys.token_api_url
+
+    def metadata(self, api: str) -> tuple[tuple[str, str], ...]:
+        """The ``authorization`` metadata for the ``inference`` or ``management`` API."""
+        return self.keys.metadata(api)
+
+    def renew_key(self, api: str, sent: tuple[tuple[str, str], ...]) -> bool:
+        """A new key to try after ``sent`` was refused (see ``channel.Keys.renew``)."""
+        return self.keys.renew(api, sent)
+
+    def _prediction_request(self, image: bytes | str | Path, version: str, model: str | None,
+                            stream: bool = False) -> inference_pb2.PredictionsRequest:
+        """The request for one image; refused here, before sending, when it is over the limit."""
+        inputs = {"data": read_image(image), **({"stream": b"1"} if stream else {})}
+        return inference_pb2.PredictionsRequest(
+            model_name=model or self.model_name, model_version=version, input=inputs
+        )
+
+    def _retry(self, err: grpc.RpcError, request, attempt: int, metadata, api: str) -> bool:
+        """Whether to send a failed call again: once with a renewed key when the token was
+        refused; once more when the worker serving an idempotent call died (a request that
+        kills its worker is thus sent twice at most)."""
+        if attempt == 1 and token_refused(err):
+            return self.renew_key(api, metadata)
+        return (attempt == 1 and worker_died(err)
+                and type(request).__name__ in IDEMPOTENT_REQUESTS)
+
+    def _translate(self, err: grpc.RpcError, model: str, version: str,
+                   deadline_s: float | None = None, attempts: int = 1) -> ServingError:
+        return explain(err, target=f"{model} version {version}" if version else model,
+                       deadline_s=deadline_s or self.deadline_s, key_file=self.key_file,
+                       served=self._served, attempts=attempts)
+
+    def _served(self) -> str:
+        return ""
 
 
-class DigitClient:
-    """Calls one TorchServe over gRPC; reuse one instance for many calls."""
+class DigitClient(_Base):
+    """Calls one TorchServe over gRPC; reuse one instance for many calls (and threads)."""
 
     def __init__(
         self,
@@ -160,31 +129,28 @@ class DigitClient:
         ``token_api_url`` is TorchServe's HTTP management address; with it an expired key is
         renewed (TorchServe renews keys over HTTP only) and the call retried once.
         """
-        self.key_file = Path(key_file) if key_file else None
+        self.keys = Keys(key_file, token_api_url, timeout_s=deadline_s)
         self.deadline_s = deadline_s
         self.model_name = model_name
-        self.token_api_url = token_api_url
-        self.inference_channel = _channel(inference_target, tls_cert)
-        self.management_channel = _channel(management_target, tls_cert)
+        self.inference_target, self.tls_cert = inference_target, tls_cert
+        #: (model store, run directory) of a server started by the kit: ``register`` links a
+        #: .mar archived after the start into the store TorchServe reads.
+        self.stores: tuple[Path, Path] | None = None
+        self.inference_channel = open_channel(inference_target, tls_cert)
+        self.management_channel = open_channel(management_target, tls_cert)
         self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(self.inference_channel)
         self.management = management_pb2_grpc.ManagementAPIsServiceStub(self.management_channel)
 
     @classmethod
     def for_run_dir(cls, run_dir: Path = RUN_DIR, **kwargs) -> DigitClient:
-        """A client for the server started from ``run_dir`` (ports and key file from its state)."""
-        state_file = Path(run_dir) / "server.json"
-        if not state_file.is_file():
-            raise ServerUnavailableError(
-                f"no TorchServe was started from {run_dir}: run `digitserve serve start` "
-                "(or notebook 03) first."
-            )
-        state = json.loads(state_file.read_text())
-        host, ports = state.get("host", HOST), state["ports"]
-        tls_cert = state.get("tls_cert")
-        return cls(f"{host}:{ports['grpc_inference']}", f"{host}:{ports['grpc_management']}",
-                   key_file=Path(state["key_file"]),
-                   tls_cert=Path(tls_cert) if tls_cert else None,
-                   token_api_url=f"http://{host}:{ports['http_management']}", **kwargs)
+        """A client for the server started from ``run_dir`` (ports and key file from its record)."""
+        record = _record(run_dir)
+        client = cls(record.target("inference"), record.target("management"),
+                     key_file=Path(record.key_file),
+                     tls_cert=Path(record.tls_cert) if record.tls_cert else None,
+                     token_api_url=record.token_api_url, **kwargs)
+        client.stores = (Path(record.model_store), Path(run_dir))
+        return client
 
     def close(self) -> None:
         self.inference_channel.close()
@@ -219,36 +185,17 @@ class DigitClient:
                            model=self.model_name, version=version)
         return Prediction.from_json(reply.prediction)
 
-    def _prediction_request(self, image: bytes | str | Path, version: str, model: str | None,
-                            stream: bool = False) -> inference_pb2.PredictionsRequest:
-        """The request for one image; refused here, before sending, when it is over the limit."""
-        data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
-        if len(data) > MAX_IMAGE_BYTES:
-            raise RequestTooLargeError(
-                f"the image is {len(data):,} bytes; requests are limited to {MAX_IMAGE_BYTES:,} "
-                f"bytes of image (config.MAX_MESSAGE_BYTES, shared with the server): scale it down."
-            )
-        inputs = {"data": data, **({"stream": b"1"} if stream else {})}
-        return inference_pb2.PredictionsRequest(
-            model_name=model or self.model_name, model_version=version, input=inputs
-        )
-
     def predict_many(self, images: Sequence[bytes | str | Path], concurrency: int = 16,
                      version: str = "", progress: bool = True) -> list[Prediction | ServingError]:
         """Predict many images with at most ``concurrency`` calls in flight, in input order.
 
-        A failed image gives its ``ServingError`` in its place instead of stopping the rest.
+        A failed image gives its ``ServingError`` in its place instead of stopping the rest;
+        nothing else is ever raised or returned for an image.
         """
-        def one(image: bytes | str | Path) -> Prediction | ServingError:
-            try:
-                return self.predict(image, version=version)
-            except ServingError as err:
-                return err
-
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            results = pool.map(one, images)
+            results = pool.map(lambda image: _guarded(self.predict, image, version), images)
             return list(progress_bar(results, total=len(images), desc="gRPC predictions",
-                                 disable=not progress))
+                                     disable=not progress))
 
     def stream(self, image: bytes | str | Path, version: str = "", model: str | None = None
                ) -> Iterator[dict]:
@@ -260,7 +207,7 @@ class DigitClient:
             ):
                 answer = json.loads(reply.prediction)
                 if "error" in answer:
-                    raise InvalidInputError(answer["error"])
+                    raise InvalidInputError(str(answer["error"])[:500])
                 yield answer
         except grpc.RpcError as err:
             raise self._translate(err, model or self.model_name, version) from None
@@ -314,7 +261,22 @@ class DigitClient:
 
     def register(self, mar: str, initial_workers: int = 1, batch_size: int = 1,
                  max_batch_delay_ms: int = 5, synchronous: bool = True) -> str:
-        """RegisterModel from the local model store (``mar`` is a file name in it)."""
+        """RegisterModel from the local model store (``mar`` is a file name in it).
+
+        TorchServe sees only the store's ``.mar`` files (``runrecord.served_store``); one archived
+        after the server started is linked in first. A path is refused here: TorchServe 0.12.0
+        itself loads any directory given by its absolute path as an unpacked model, whatever
+        ``allowed_urls`` says. URLs (``file://``, ``https://``) go to the server, which admits
+        the model store's ``.mar`` files only.
+        """
+        if "://" not in mar and ("/" in mar or not mar.endswith(".mar")):
+            raise ServingError(
+                f"RegisterModel takes the file name of a .mar in the model store (e.g. "
+                f"digit-model-v2.mar), not {mar!r}: make the archive with `digitserve archive` "
+                "(or torch-model-archiver --export-path <model store>)."
+            )
+        if self.stores is not None:
+            runrecord.link_archive(*self.stores, mar)
         request = management_pb2.RegisterModelRequest(
             url=mar, initial_workers=initial_workers, batch_size=batch_size,
             max_batch_delay=max_batch_delay_ms, synchronous=synchronous,
@@ -352,7 +314,7 @@ class DigitClient:
                            deadline_s=deadline_s)
         try:
             return json.loads(reply.msg).get("status", reply.msg)
-        except ValueError:
+        except (ValueError, AttributeError):
             return reply.msg
 
     def is_ready(self, model: str | None = None, version: str = "") -> bool:
@@ -365,15 +327,9 @@ class DigitClient:
                    for entry in description for worker in entry.get("workers", []))
 
     # -- plumbing ------------------------------------------------------------------------------
-    def metadata(self, api: str) -> tuple[tuple[str, str], ...]:
-        """The ``authorization`` metadata for the ``inference`` or ``management`` API."""
-        if self.key_file is None:
-            return ()
-        return (("authorization", f"Bearer {read_key(self.key_file, api)}"),)
-
     def _call(self, method, request, api: str, model: str = "", version: str = "",
               deadline_s: float | None = None):
-        """One unary call with deadline and token; a refused token is renewed and retried once.
+        """One unary call with deadline and token, sent again once at most (see ``_retry``).
 
         Calls that wait for workers to start (register, scale) get at least WORKER_DEADLINE_S.
         """
@@ -383,79 +339,9 @@ class DigitClient:
             try:
                 return method(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as err:
-                if attempt == 1 and token_refused(err) and self.renew_key(api, metadata):
+                if self._retry(err, request, attempt, metadata, api):
                     continue
-                raise self._translate(err, model, version) from None
-
-    def renew_key(self, api: str, sent: tuple[tuple[str, str], ...]) -> bool:
-        """Get a key other than the one ``sent``: re-read the key file, else ask TorchServe.
-
-        True when there is a new key to try. TorchServe's keys expire (60 minutes by default,
-        ``token_expiration_min``) and can only be renewed over its HTTP management API, with
-        the ``API`` key from the same file.
-        """
-        if self.key_file is None or not self.key_file.is_file():
-            return False
-        if self.metadata(api) != sent:
-            return True
-        if not self.token_api_url:
-            return False
-        api_key = read_key(self.key_file, "API")
-        request = urllib.request.Request(
-            f"{self.token_api_url}/token?type={api}", method="POST",
-            headers={"Authorization": f"Bearer {api_key}"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.deadline_s):
-                pass
-        except OSError:
-            return False
-        return self.metadata(api) != sent
-
-    def _translate(self, err: grpc.RpcError, model: str, version: str) -> ServingError:
-        error = self._explain(err, model, version)
-        error.code = err.code().name
-        return error
-
-    def _explain(self, err: grpc.RpcError, model: str, version: str) -> ServingError:
-        code = err.code()
-        details = (err.details() or "").split("\n")[0]
-        target = f"{model} version {version}" if version else model
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidInputError(details)
-        if code == grpc.StatusCode.PERMISSION_DENIED and "model api" in details.lower():
-            return ServingError(
-                f"{details}: registering and unregistering models needs TorchServe's model API, "
-                "which the kit leaves off unless asked: start the server with "
-                "ServerSettings(enable_model_api=True) (it then admits only the local model store)."
-            )
-        if code == grpc.StatusCode.PERMISSION_DENIED:
-            return AuthError(
-                f"TorchServe refused the token from {self.key_file} ({details}). The key may have "
-                "expired or the server restarted: re-read it, or restart with `digitserve serve "
-                "start`."
-            )
-        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL) and (
-            "not found" in details.lower() or "version" in details.lower()
-        ):
-            return ModelNotFoundError(f"{target} is not served ({details}). {self._served()}")
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return ServerUnavailableError(
-                f"TorchServe did not answer ({details}). Is it running? `digitserve serve status`"
-            )
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineError(f"no answer within {self.deadline_s} s from TorchServe")
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "worker died" in details.lower():
-            return ServerUnavailableError(
-                f"the worker handling this request died ({details}); TorchServe restarts it: "
-                "try again, and see logs/model_log.log in the run directory if it repeats."
-            )
-        if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED):
-            return RequestTooLargeError(
-                f"{code.name}: {details or 'the message is over a size limit'}; the limit is "
-                f"{MAX_MESSAGE_BYTES:,} bytes (config.MAX_MESSAGE_BYTES)."
-            )
-        return ServingError(f"{code.name}: {details}")
+                raise self._translate(err, model, version, timeout, attempt) from None
 
     def _served(self) -> str:
         try:
@@ -465,47 +351,44 @@ class DigitClient:
         return f"Served models: {', '.join(served) or 'none'}."
 
 
-class AsyncDigitClient:
+class AsyncDigitClient(_Base):
     """The ``grpc.aio`` flavour of ``DigitClient.predict``, for asyncio code and notebooks.
 
-    It borrows the synchronous client's key handling, request checks and error messages.
+    It shares the blocking client's keys (one renewal at a time for both), request checks,
+    retry rule and error messages.
     """
 
-    def __init__(self, client: DigitClient, inference_target: str,
+    def __init__(self, client: DigitClient, inference_target: str | None = None,
                  tls_cert: Path | None = None) -> None:
         self.client = client
-        if tls_cert is None:
-            self.channel = grpc.aio.insecure_channel(inference_target, CHANNEL_OPTIONS)
-        else:
-            credentials = grpc.ssl_channel_credentials(Path(tls_cert).read_bytes())
-            self.channel = grpc.aio.secure_channel(inference_target, credentials, CHANNEL_OPTIONS)
+        self.keys, self.deadline_s = client.keys, client.deadline_s
+        self.model_name = client.model_name
+        self.channel = open_channel(inference_target or client.inference_target,
+                                    tls_cert or client.tls_cert, aio=True)
         self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
 
     @classmethod
     def for_run_dir(cls, run_dir: Path = RUN_DIR, **kwargs) -> AsyncDigitClient:
-        client = DigitClient.for_run_dir(run_dir, **kwargs)
-        state = json.loads((Path(run_dir) / "server.json").read_text())
-        target = f"{state.get('host', HOST)}:{state['ports']['grpc_inference']}"
-        tls_cert = state.get("tls_cert")
-        return cls(client, target, Path(tls_cert) if tls_cert else None)
+        return cls(DigitClient.for_run_dir(run_dir, **kwargs))
 
     async def predict(self, image: bytes | str | Path, version: str = "",
                       model: str | None = None) -> Prediction:
         """Classify one image; same errors as ``DigitClient.predict``."""
-        request = self.client._prediction_request(image, version, model)
+        request = self._prediction_request(image, version, model)
         for attempt in (1, 2):
-            metadata = self.client.metadata("inference")
+            metadata = self.metadata("inference")
             try:
                 reply = await self.inference.Predictions(
-                    request, timeout=self.client.deadline_s, metadata=metadata
+                    request, timeout=self.deadline_s, metadata=metadata
                 )
                 return Prediction.from_json(reply.prediction)
             except grpc.aio.AioRpcError as err:
-                if (attempt == 1 and token_refused(err)
-                        and self.client.renew_key("inference", metadata)):
+                # A renewal blocks (HTTP, a lock shared with other callers): not on the loop.
+                if await asyncio.to_thread(self._retry, err, request, attempt, metadata,
+                                           "inference"):
                     continue
-                raise self.client._translate(err, model or self.client.model_name,
-                                             version) from None
+                raise self._translate(err, model or self.model_name, version,
+                                      attempts=attempt) from None
 
     async def predict_many(self, images: Sequence[bytes | str | Path], concurrency: int = 16,
                            version: str = "", progress: bool = True
@@ -521,6 +404,8 @@ class AsyncDigitClient:
                     return await self.predict(image, version=version)
                 except ServingError as err:
                     return err
+                except Exception as err:  # noqa: BLE001 - every image gets a ServingError
+                    return _unexpected(err)
                 finally:
                     bar.update()
 
@@ -532,3 +417,29 @@ class AsyncDigitClient:
     async def close(self) -> None:
         await self.channel.close()
         self.client.close()
+
+
+def _record(run_dir: Path) -> runrecord.RunRecord:
+    try:
+        record = runrecord.read(run_dir)
+    except runrecord.RunRecordError as err:
+        raise ServerUnavailableError(f"{err} Run `digitserve serve start` again.") from None
+    if record is None:
+        raise ServerUnavailableError(
+            f"no TorchServe was started from {run_dir}: run `digitserve serve start` "
+            "(or notebook 03) first."
+        )
+    return record
+
+
+def _guarded(predict, image: bytes | str | Path, version: str) -> Prediction | ServingError:
+    try:
+        return predict(image, version=version)
+    except ServingError as err:
+        return err
+    except Exception as err:  # noqa: BLE001 - predict_many returns a ServingError per image
+        return _unexpected(err)
+
+
+def _unexpected(err: Exception) -> ServingError:
+    return ServingError(f"unexpected {type(err).__name__}: {str(err)[:200]}")

@@ -62,3 +62,7 @@ RUN_DIR = Path(
         Path.home() / ".cache" / "digitserve" / f"run-{DEFAULT_PORTS.grpc_inference}",
     )
 )
+
+# -- H2 (issue 12/15): one deadline for the server's own readiness and health probes ----------
+#: Deadline of each readiness (DescribeModel) and health (Ping) probe of ``digitserve.server``.
+PROBE_DEADLINE_S = 5.0
