@@ -20,7 +20,13 @@ import torch
 
 from digitserve import archive, data, train
 from digitserve.config import Ports
-from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports, port_is_free
+from digitserve.server import (
+    ModelSpec,
+    ServerSettings,
+    TorchServe,
+    port_is_free,
+    start_on_free_ports,
+)
 
 #: Command-line fragments of TorchServe's Java frontend and of its Python model workers.
 SERVER_MARKERS = ("org.pytorch.serve.ModelServer", "model_service_worker")
@@ -142,10 +148,10 @@ def model_store(trained_weights: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def _start_server(run_dir: Path, store: Path, spec: ModelSpec) -> TorchServe:
-    server = TorchServe(ServerSettings(
-        ports=free_ports(), run_dir=run_dir, model_store=store, models=(spec,)
-    ))
-    server.start()  # on failure it has already stopped what it started
+    # On free ports, again on others if one is taken before TorchServe binds it; on failure
+    # it has already stopped what it started.
+    server = start_on_free_ports(ServerSettings(run_dir=run_dir, model_store=store,
+                                                models=(spec,)))
     record_server_group(server.process.pid)
     return server
 

@@ -160,29 +160,15 @@ def test_ping_is_healthy(digit_client):
     assert digit_client.ping() == "Healthy"
 
 
-def test_stream_predictions_sends_top3_then_the_unary_answer(digit_client, pngs, in_process):
-    for index in range(5):
-        first, final = list(digit_client.stream(pngs[index]))  # exactly two messages, then done
-        assert final == asdict(digit_client.predict(pngs[index]))
-        assert final["digit"] == int(in_process[index].argmax())
-        assert first["stage"] == "top3" and len(first["top"]) == 3
-        top = [entry["probability"] for entry in first["top"]]
-        assert top == sorted(top, reverse=True)
-        assert first["top"][0]["digit"] == final["digit"]
-        for entry in first["top"]:
-            assert entry["probability"] == pytest.approx(
-                final["probabilities"][entry["digit"]], abs=1e-6)
-
-
-def test_stream_predictions_without_the_stream_key_sends_only_the_answer(digit_client, pngs):
-    """One message, the call ends, and the worker lives on (see "Streaming" in handler.py: without
-    the handler's ``ts_stream_next: false`` TorchServe 0.12.0 kills the worker here)."""
+def test_stream_predictions_sends_one_answer_the_unary_one(digit_client, pngs, in_process):
+    """One message, the call ends, and the worker lives on (see "Streaming" in handler.py: the
+    handler marks it final with ``ts_stream_next: false``, without which TorchServe 0.12.0
+    kills the worker here)."""
     (before,) = digit_client.describe()
-    request = inference_pb2.PredictionsRequest(model_name=MODEL_NAME, input={"data": pngs[0]})
-    replies = list(digit_client.inference.StreamPredictions(
-        request, timeout=CALL_DEADLINE_S, metadata=digit_client.metadata("inference")))
-    assert [json.loads(reply.prediction) for reply in replies] == [
-        asdict(digit_client.predict(pngs[0]))]
+    for index in range(3):
+        (answer,) = list(digit_client.stream(pngs[index]))
+        assert answer == asdict(digit_client.predict(pngs[index]))
+        assert answer["digit"] == int(in_process[index].argmax())
     (after,) = digit_client.describe()
     assert [w["pid"] for w in after["workers"]] == [w["pid"] for w in before["workers"]]
 
@@ -424,8 +410,8 @@ def test_cli_management_commands_print_json(api_server, api_client, pngs, tmp_pa
         assert json.loads(cli(run_dir, "predict", str(image)).stdout)["model_version"] == V2
         answer = cli_json(run_dir, "predict", str(image), "--version", MODEL_VERSION)
         assert answer["model_version"] == MODEL_VERSION
-        first, final = cli_json(run_dir, "stream", str(image))
-        assert first["stage"] == "top3" and final["model_version"] == V2
+        (streamed,) = cli_json(run_dir, "stream", str(image))
+        assert streamed["model_version"] == V2
         assert "scaled to 1" in cli_json(run_dir, "scale", "1", "--version", V2)
         assert "Default version" in cli_json(run_dir, "set-default", MODEL_VERSION)
         assert cli_json(run_dir, "unregister", "--version", V2) == (
@@ -596,7 +582,7 @@ RPC_TESTS = {
     "org.pytorch.serve.grpc.inference.InferenceAPIsService": {
         "Ping": "test_ping_is_healthy",
         "Predictions": "test_two_versions_side_by_side_then_a_new_default",
-        "StreamPredictions": "test_stream_predictions_sends_top3_then_the_unary_answer",
+        "StreamPredictions": "test_stream_predictions_sends_one_answer_the_unary_one",
         "StreamPredictions2": "test_stream_predictions2_is_refused_for_a_stateless_model",
     },
     "org.pytorch.serve.grpc.management.ManagementAPIsService": {

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     set_default.add_argument("version")
     set_default.set_defaults(run=lambda args: management(
         args, lambda c: c.set_default(args.version)))
-    stream = commands.add_parser("stream", help="StreamPredictions: top-3 first, then the answer")
+    stream = commands.add_parser(
+        "stream", help="StreamPredictions (the kit's handler answers it with one message)")
     stream.add_argument("image", type=Path)
     stream.add_argument("--version", default="")
     stream.set_defaults(run=lambda args: management(

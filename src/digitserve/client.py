@@ -84,12 +84,12 @@ class _Base:
         """A new key to try after ``sent`` was refused (see ``channel.Keys.renew``)."""
         return self.keys.renew(api, sent)
 
-    def _prediction_request(self, image: bytes | str | Path, version: str, model: str | None,
-                            stream: bool = False) -> inference_pb2.PredictionsRequest:
+    def _prediction_request(self, image: bytes | str | Path, version: str, model: str | None
+                            ) -> inference_pb2.PredictionsRequest:
         """The request for one image; refused here, before sending, when it is over the limit."""
-        inputs = {"data": read_image(image), **({"stream": b"1"} if stream else {})}
         return inference_pb2.PredictionsRequest(
-            model_name=model or self.model_name, model_version=version, input=inputs
+            model_name=model or self.model_name, model_version=version,
+            input={"data": read_image(image)},
         )
 
     def _retry(self, err: grpc.RpcError, request, attempt: int, metadata, api: str) -> bool:
@@ -199,8 +199,14 @@ class DigitClient(_Base):
 
     def stream(self, image: bytes | str | Path, version: str = "", model: str | None = None
                ) -> Iterator[dict]:
-        """StreamPredictions: yields the top-3 digits first, then the full answer (a dict)."""
-        request = self._prediction_request(image, version, model, stream=True)
+        """StreamPredictions: yields the answers of a server-streaming call (dicts).
+
+        The kit's handler sends exactly one, the full answer: TorchServe 0.12.0 does not tell a
+        worker whether a request came from Predictions or StreamPredictions, and a second answer
+        to a unary call stops the model (see "Streaming" in handler.py). Streams that carry
+        many answers are StreamPredictions2's, for sequence models (notebook 07).
+        """
+        request = self._prediction_request(image, version, model)
         try:
             for reply in self.inference.StreamPredictions(
                 request, timeout=self.deadline_s, metadata=self.metadata("inference")
