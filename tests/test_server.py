@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 from digitserve.server import (
+    DEFAULT_VMARGS,
     ModelSpec,
+    ServerError,
     ServerSettings,
+    TorchServe,
     config_properties,
     diagnose_log,
     find_java,
@@ -65,3 +68,23 @@ def test_log_diagnosis_names_the_missing_module():
     assert "'captum'" in diagnose_log(log)
     assert diagnose_log("Worker died.\n" * 3) is not None
     assert diagnose_log("Model digitmodel loaded.\n") is None
+
+
+def test_vmargs_log4j2_config_and_environment_reach_torchserve(tmp_path):
+    log4j2 = tmp_path / "log4j2.xml"
+    log4j2.write_text("<Configuration/>")
+    settings = ServerSettings(run_dir=tmp_path, model_store=tmp_path, vmargs="-Xmx512m",
+                              log4j2_config=log4j2, environment={"OMP_WAIT_POLICY": "PASSIVE",
+                                                                 "OMP_NUM_THREADS": "2"})
+    assert properties(settings)["vmargs"] == "-Xmx512m"
+    assert properties(ServerSettings(run_dir=tmp_path))["vmargs"] == DEFAULT_VMARGS
+    server = TorchServe(settings)
+    command = server._command(tmp_path / "config.properties")
+    assert command[command.index("--log-config") + 1] == str(log4j2.resolve())
+    assert "--log-config" not in TorchServe(ServerSettings(run_dir=tmp_path))._command(tmp_path)
+    env = server._environment(find_java())
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["OMP_NUM_THREADS"] == "2"  # set after the kit's own (torch_threads: 1)
+    missing = TorchServe(ServerSettings(run_dir=tmp_path, log4j2_config=tmp_path / "nope.xml"))
+    with pytest.raises(ServerError, match="nope.xml"):
+        missing._command(tmp_path)

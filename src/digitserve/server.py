@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,8 @@ STATE_FILE = "server.json"
 LOG_FILE = "torchserve.out"
 KEY_FILE = "key_file.json"
 MIN_JAVA = 11
+#: The frontend's default JVM flags (``ServerSettings.vmargs``).
+DEFAULT_VMARGS = "-Xmx1g -XX:+UseSerialGC"
 
 
 class ServerError(RuntimeError):
@@ -92,6 +95,14 @@ class ServerSettings:
     #: Serve gRPC over TLS with this certificate (see ``digitserve.tls``); None: plaintext.
     tls: Certificate | None = None
     extra_properties: dict[str, str] = field(default_factory=dict)
+    #: The Java frontend's JVM flags (``vmargs`` in config.properties): a small heap and the
+    #: serial collector, enough for one model and light on two cores.
+    vmargs: str = DEFAULT_VMARGS
+    #: A log4j2 XML file for the frontend (``torchserve --log-config``); None: TorchServe's own.
+    log4j2_config: Path | None = None
+    #: Extra variables for TorchServe and its workers, set after the kit's own
+    #: (e.g. ``{"OMP_WAIT_POLICY": "PASSIVE"}``).
+    environment: Mapping[str, str] = field(default_factory=dict)
 
 
 def find_java() -> Java:
@@ -180,7 +191,7 @@ def config_properties(settings: ServerSettings) -> str:
         "disable_system_metrics": "true",
         "number_of_netty_threads": "2",
         "netty_client_threads": "2",
-        "vmargs": "-Xmx1g -XX:+UseSerialGC",
+        "vmargs": settings.vmargs,
     }
     if settings.tls:
         properties.update(
@@ -231,6 +242,7 @@ class TorchServe:
                 f"{', '.join(missing)} not found in {self.settings.model_store}: "
                 "run `digitserve archive` (notebook 02) first."
             )
+        self._command(self.run_dir / "config.properties")  # checks the log4j2 file first
         java = find_java()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o700)
@@ -240,9 +252,7 @@ class TorchServe:
         config = self.run_dir / "config.properties"
         config.write_text(config_properties(self.settings))
         env = self._environment(java)
-        torchserve = Path(sys.executable).with_name("torchserve")
-        command = [str(torchserve), "--start", "--foreground", "--ts-config", str(config),
-                   "--model-store", str(self.settings.model_store), "--ncs"]
+        command = self._command(config)
         with open(self.log_file, "ab") as log:
             log.write(f"\n=== starting with {java.source}: {java.executable} ===\n".encode())
             log.flush()
@@ -272,6 +282,18 @@ class TorchServe:
             raise
         return self
 
+    def _command(self, config: Path) -> list[str]:
+        """``torchserve`` in the foreground on ``config``, with the log4j2 file if one is set."""
+        torchserve = Path(sys.executable).with_name("torchserve")
+        command = [str(torchserve), "--start", "--foreground", "--ts-config", str(config),
+                   "--model-store", str(self.settings.model_store), "--ncs"]
+        if self.settings.log4j2_config is not None:
+            log_config = Path(self.settings.log4j2_config)
+            if not log_config.is_file():
+                raise ServerError(f"the log4j2 configuration {log_config} does not exist.")
+            command += ["--log-config", str(log_config.resolve())]
+        return command
+
     def _log_paths(self) -> tuple[Path, Path]:
         return self.log_file, self.run_dir / "logs" / "model_log.log"
 
@@ -300,6 +322,7 @@ class TorchServe:
         env["OMP_NUM_THREADS"] = str(self.settings.torch_threads)
         env["MKL_NUM_THREADS"] = str(self.settings.torch_threads)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.settings.environment)
         return env
 
     def wait_until_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
