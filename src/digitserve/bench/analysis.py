@@ -133,7 +133,7 @@ def _size(size: float) -> str:
 
 
 #: The parts of one call, in the order they are stacked (client first).
-PARTS = ("client and {protocol}", "frontend: queue and dispatch", "worker socket and Python loop",
+PARTS = ("client and protocol", "frontend: queue and dispatch", "worker socket and Python loop",
          "handler: answer and JSON", "reading the image", "the model's forward pass")
 
 
@@ -165,7 +165,8 @@ def breakdown(results: dict) -> dict:
                   log["handler_ms"] - read - model, read, model)
         out[mode] = {
             "total_ms": round(client, 3),
-            "parts": [{"part": name.format(protocol=protocol), "ms": round(max(value, 0.0), 3)}
+            "protocol": protocol,
+            "parts": [{"part": name, "ms": round(max(value, 0.0), 3)}
                       for name, value in zip(PARTS, values, strict=True)],
             "requests_logged": log.get("requests_logged"),
         }
@@ -178,21 +179,35 @@ def served_overhead(parts: dict) -> tuple[float, float]:
     return added, added / parts["total_ms"] if parts["total_ms"] else 0.0
 
 
+#: How the decision table names each situation (by its ``id``).
+SHORT = {
+    "connection_reuse_plaintext": "the client would otherwise open a connection per call",
+    "connection_reuse_tls": "over TLS, the client would otherwise open a connection per call",
+    "new_connection_both_plaintext": "both sides open a new connection for every call",
+    "new_connection_both_tls": "both open a new connection for every call, over TLS",
+    "rest_as_good": "one caller, a kept-alive connection, a small image",
+    "deadlines": "the caller gives up before the server answers",
+    "payload": "the payload is large",
+    "encoding": "the client holds pixels, not an image file",
+}
+
+
 def decision(rows: list[dict]) -> dict[str, list[str]]:
-    """"Use gRPC when…" and "REST is as good when…", each line quoting this run's figures."""
-    grpc_lines, rest_lines = [], []
+    """"Use gRPC when…" and "REST is as good when…": one line per situation and column,
+    quoting this run's figures (gRPC first, then REST)."""
+    columns: dict[str, dict[str, list[str]]] = {GRPC: {}, REST: {}}
     for row in rows:
-        line = (f"{row['situation']} — {row['measure']}: gRPC {_num(row['grpc'])}, "
-                f"REST {_num(row['rest'])} {row['unit']}")
-        if row["better"] == GRPC:
-            grpc_lines.append(line + (f" (×{1 / row['ratio']:.1f} better)"
-                                      if row["ratio"] and row["ratio"] < 1
-                                      else f" (×{row['ratio']:.1f})" if row["ratio"] else ""))
-        elif row["better"] == "tie":
-            rest_lines.append(line + " (a tie)")
-        else:
-            rest_lines.append(line + " (REST better)")
-    return {"use_grpc_when": grpc_lines, "rest_as_good_when": rest_lines}
+        name = SHORT.get(row["id"]) or row["situation"]
+        if row["id"].startswith("many_callers_"):
+            name = f"{row['id'].rsplit('_', 1)[1]} calls are in flight at once"
+        figure = (f"{row['measure']} {_num(row['grpc'])} vs {_num(row['rest'])} "
+                  f"{row['unit']}")
+        column = GRPC if row["better"] == GRPC else REST
+        if row["better"] == REST:
+            figure += " (REST better)"
+        columns[column].setdefault(name, []).append(figure)
+    return {key: [f"{name}: {'; '.join(figures)}" for name, figures in columns[mode].items()]
+            for key, mode in (("use_grpc_when", GRPC), ("rest_as_good_when", REST))}
 
 
 def takeaways(results: dict, rows: list[dict]) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from digitserve.bench import analysis
 from digitserve.plots import save_figure
@@ -93,16 +94,19 @@ def connection_reuse(results: dict, save_to: Path | None = None) -> Figure | Non
     for index, (key, data) in enumerate(found.items()):
         x = np.arange(len(variants)) + (index - (len(found) - 1) / 2) * width
         values = [data[name]["p50_ms"] for name, _ in variants]
-        bars = ax.bar(x, values, width, label="over TLS" if key == "tls" else "plaintext",
-                      color=["tab:blue", "tab:blue", "tab:orange", "tab:orange"],
-                      alpha=1.0 if key == "plaintext" else 0.55, edgecolor="black")
+        bars = ax.bar(x, values, width, color=["tab:blue", "tab:blue", "tab:orange",
+                                               "tab:orange"],
+                      hatch="//" if key == "tls" else None, edgecolor="black")
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(range(len(variants)), [name for _, name in variants])
-    ax.set(ylabel="p50 milliseconds, one caller", title="Connection reuse: what a new "
-           "connection costs (solid: plaintext, pale: TLS)")
+    ax.set(ylabel="p50 milliseconds, one caller",
+           title="Connection reuse: what a new connection costs")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3, axis="y")
-    _legend_below(ax, 2)
+    handles = [Patch(facecolor="white", edgecolor="black", hatch="//" if key == "tls" else None,
+                     label="over TLS" if key == "tls" else "plaintext") for key in found]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2,
+              fontsize=8, frameon=False)
     return save_figure(fig, save_to)
 
 
@@ -199,9 +203,10 @@ def on_the_wire(results: dict, save_to: Path | None = None) -> Figure | None:
     if not wire:
         return None
     grpc_blocks, rest_blocks = _grpc_blocks(wire), _rest_blocks(wire)
-    lines = max(sum(len(text.splitlines()) + 1.2 for text, _ in blocks)
+    gap = 1.6  # lines between two boxes
+    lines = max(sum(len(text.splitlines()) + gap for text, _ in blocks)
                 for blocks in (grpc_blocks, rest_blocks))
-    fig = Figure(figsize=(15, 0.19 * lines + 1.2), layout="constrained")
+    fig = Figure(figsize=(15, 0.135 * lines + 0.9), layout="constrained")
     for ax, blocks, title in zip(fig.subplots(1, 2), (grpc_blocks, rest_blocks),
                                  ("gRPC: one Predictions call on an HTTP/2 connection",
                                   "REST: one POST on an HTTP/1.1 connection"), strict=True):
@@ -213,14 +218,14 @@ def on_the_wire(results: dict, save_to: Path | None = None) -> Figure | None:
         for text, color in blocks:
             ax.text(0.01, y, text, va="top", ha="left", family="monospace", fontsize=7.5,
                     bbox={"boxstyle": "round,pad=0.4", "fc": color, "ec": "0.4"})
-            y += len(text.splitlines()) + 1.2
+            y += len(text.splitlines()) + gap
     fig.suptitle(f"One call on the wire, this run's bytes (a {wire['image_bytes']}-byte PNG; "
-                 "header values cut at 70 characters, the token shown by its length)",
+                 "long header values cut, the token shown by its length)",
                  fontsize=11)
     return save_figure(fig, save_to)
 
 
-def _cut(text: str, width: int = 70) -> str:
+def _cut(text: str, width: int = 84) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -244,6 +249,9 @@ def _grpc_blocks(wire: dict) -> list[tuple[str, str]]:
                                f"  9-byte frame header + 5-byte gRPC prefix (compressed flag, "
                                f"length)\n  + {frame['message_bytes']} B protobuf: {what}",
                                color))
+            else:
+                blocks.append((f"{direction}  {frame['type']} frame, {frame['bytes']} B "
+                               "(flow control)", color))
     total_sent = sum(f["bytes"] for f in first["request"])
     total_received = sum(f["bytes"] for f in first["response"])
     again = [f["bytes"] for f in second["request"] if f["type"] == "HEADERS"]

@@ -51,7 +51,8 @@ def lever_servers() -> list[ServerConfig]:
 
 def measure_model_levers(weights: torch.nn.Module, served: torch.nn.Module,
                          payloads: Sequence[bytes], settings: BenchSettings) -> list[dict]:
-    """Forward pass only, batch 1 (p50) and batch ``batch_size`` (images/s), per variant.
+    """Forward pass only, batch 1 (p50) and batch ``batch_size`` (images/s), per variant,
+    with one torch thread (as in the kit's workers).
 
     ``weights`` is the eager model, of which each variant prepares its own copy (its setup is
     timed); ``served`` is the handler's model, timed with one torch thread and with one per CPU.
@@ -91,6 +92,26 @@ def measure_model_levers(weights: torch.nn.Module, served: torch.nn.Module,
         variants.append(("graph", "torch.compile (inductor) + channels_last",
                          lambda: (torch.compile(eager_last), last, inference)))
     rows = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the kit's workers; the thread lever comes after
+    try:
+        rows += _variants(variants, settings.lever_iterations)
+    finally:
+        torch.set_num_threads(before)
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        try:
+            rows.append({"lever": "torch threads", "variant": f"{threads} thread"
+                         + ("s" if threads > 1 else "") + " (the handler's TorchScript)",
+                         **_forward_figures(served, last, inference, settings.lever_iterations)})
+        finally:
+            torch.set_num_threads(before)
+    return rows
+
+
+def _variants(variants: list[tuple[str, str, Callable[[], tuple]]], iterations: int
+              ) -> list[dict]:
+    rows = []
     for lever, variant, prepare in variants:
         try:
             started = time.perf_counter()
@@ -100,19 +121,10 @@ def measure_model_levers(weights: torch.nn.Module, served: torch.nn.Module,
                     run(model, x)
             rows.append({"lever": lever, "variant": variant,
                          "setup_s": round(time.perf_counter() - started, 2),
-                         **_forward_figures(model, inputs, run, settings.lever_iterations)})
+                         **_forward_figures(model, inputs, run, iterations)})
         except Exception as err:  # noqa: BLE001 - a lever that cannot run here is a finding
             rows.append({"lever": lever, "variant": variant,
                          "note": f"unavailable here: {type(err).__name__}: {str(err)[:160]}"})
-    before = torch.get_num_threads()
-    for threads in sorted({1, os.cpu_count() or 1}):
-        torch.set_num_threads(threads)
-        try:
-            rows.append({"lever": "torch threads", "variant": f"{threads} thread"
-                         + ("s" if threads > 1 else "") + " (the handler's TorchScript)",
-                         **_forward_figures(served, last, inference, settings.lever_iterations)})
-        finally:
-            torch.set_num_threads(before)
     return rows
 
 

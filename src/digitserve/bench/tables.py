@@ -127,10 +127,11 @@ def many_callers_table(results: dict) -> str:
 def deadline_table(results: dict) -> str:
     d = results["situations"]["deadlines"]
     lines = [[mode, ", ".join(d[mode]["outcomes"]), f"{d[mode]['expired']} of {d['calls']}",
-              fmt(d[mode]["ms_to_error_p50"], 0), f"{d[mode]['worker_ran']} of {d['calls']}"]
+              fmt(d[mode]["ms_to_error_p50"], 0), f"{d[mode]['worker_ran']} of {d['calls']}",
+              d[mode]["answered_after_cancel"] if mode == "grpc" else "not logged"]
              for mode in ("grpc", "rest")]
     return markdown(["protocol", "what the caller got", "gave up", "after (ms, p50)",
-                     "the worker still ran"], lines)
+                     "the worker still ran", "answers dropped by the frontend"], lines)
 
 
 def levers_table(results: dict) -> str:
@@ -166,7 +167,9 @@ def lever_servers(results: dict) -> dict[str, dict]:
         if server["kind"] == "main" and server["batch_size"] > 1:
             continue
         if rows:
-            out[server["label"]] = {"server": server, "rows": rows, "most": max(rows)}
+            label = server["label"] if server["kind"] == "lever" else \
+                f"1 worker × 1 torch thread (the kit's default; {server['label']})"
+            out[label] = {"server": server, "rows": rows, "most": max(rows)}
     return out
 
 
@@ -191,7 +194,8 @@ def decision_table(results: dict) -> str:
     grpc, rest = decision["use_grpc_when"], decision["rest_as_good_when"]
     lines = [[grpc[i] if i < len(grpc) else "", rest[i] if i < len(rest) else ""]
              for i in range(max(len(grpc), len(rest)))]
-    return markdown(["use gRPC when…", "REST is as good when…"], lines)
+    return markdown(["use gRPC when… (gRPC vs REST)", "REST is as good when… (gRPC vs REST)"],
+                    lines)
 
 
 def situation_measurements(results: dict) -> list[dict]:
