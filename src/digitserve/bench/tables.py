@@ -339,6 +339,12 @@ def report(results: dict) -> str:
         parts += ["## Deadlines", deadline_table(results)]
     if found.get("payload") or found.get("encoding"):
         parts += ["## Payload and encoding", payload_table(results)]
+    if results.get("live_drawing"):
+        parts += ["## Live drawing", markdown(["figure", "value"], [
+            [key, value] for key, value in results["live_drawing"].items() if key != "answers"])]
+    if results.get("worst_case"):
+        parts += ["## The worst-case request (at the kit's input limits)", markdown(
+            ["figure", "value"], [[key, value] for key, value in results["worst_case"].items()])]
     parts += ["## Cold start and logging", cold_start_table(results)]
     if results["levers"] or lever_servers(results):
         parts += ["## Levers", levers_table(results)]
