@@ -60,7 +60,11 @@ class BenchRun:
 
     # -- servers ----------------------------------------------------------------------------------
     def use(self, server: ServerConfig, kind: str) -> servers.BenchServer:
-        """The running server if it is ``server``, else a fresh one (the old one stopped)."""
+        """The running server if it is ``server``, else a fresh one (the old one stopped).
+
+        A lever server is measured over gRPC only, so it is warmed up over gRPC only, with
+        as many calls as one of its measurements.
+        """
         if self.server is not None and self.server.config == server:
             return self.server
         self.close()
@@ -69,8 +73,14 @@ class BenchRun:
                                            self.on_start)
         try:
             bench_server.start(self.payloads[0])
-            bench_server.warm_up(self.payloads, self.expected, self.settings.server_warmup,
-                                 max(self.settings.concurrencies))
+            if kind == "lever":
+                bench_server.warm_up(self.payloads, self.expected,
+                                     min(self.settings.server_warmup,
+                                         self.settings.lever_requests),
+                                     max(self.settings.concurrencies), protocols=(GRPC,))
+            else:
+                bench_server.warm_up(self.payloads, self.expected, self.settings.server_warmup,
+                                     max(self.settings.concurrencies))
         except BaseException:
             bench_server.stop()
             raise

@@ -105,10 +105,11 @@ class BenchServer:
                 REST: lambda: load.RestCaller(self.http_port, self.key, tls_cert=self.tls_cert)}
 
     def warm_up(self, payloads: Sequence[bytes], expected: Sequence[int], calls: int,
-                concurrency: int) -> None:
-        """Untimed calls of every protocol, at the most callers the measurements will use."""
-        for make in self.callers().values():
-            load.drive(make, payloads, expected, calls, concurrency)
+                concurrency: int, protocols: Sequence[str] = (GRPC, REST)) -> None:
+        """Untimed calls of each protocol, at the most callers the measurements will use."""
+        for mode, make in self.callers().items():
+            if mode in protocols:
+                load.drive(make, payloads, expected, calls, concurrency)
 
 
 def main_rows(server: BenchServer, settings: BenchSettings, payloads: Sequence[bytes],
