@@ -30,6 +30,7 @@ from digitserve.bench.settings import (
     rsa_certificate,
 )
 from digitserve.client import DigitClient
+from digitserve.server import TorchServe, free_ports
 
 GRPC, REST, IN_PROCESS = servers.GRPC, servers.REST, "in-process"
 
@@ -216,20 +217,25 @@ class BenchRun:
     def live_drawing(self) -> dict | None:
         """Strokes streamed over StreamPredictions2 against the whole canvas over REST.
 
-        # CALL SITE for digitserve.live.measure_live_drawing() (the live-drawing model, branch
-        # h3b-live): it starts its own server (digitmodel + digitlive) from the kit's model
-        # store and returns {"strokes", "answers", "bytes_grpc", "bytes_rest",
-        # "ms_per_update_grpc", "ms_per_update_rest"}, which goes under "live_drawing" in
-        # why_grpc.json. Until that module is merged, the stage says so and records None.
+        # CALL SITE for digitserve.live (the live-drawing model, branch h3b-live): a server
+        # serving digitmodel and digitlive from this run's model store, then
+        # measure_live_drawing(run_dir=...) → {"strokes", "answers", "bytes_grpc",
+        # "bytes_rest", "ms_per_update_grpc", "ms_per_update_rest"}, which goes under
+        # "live_drawing" in why_grpc.json. Until that module is merged, the stage says so.
         """
         self.close()
         try:
-            from digitserve.live import measure_live_drawing
+            from digitserve.live import live_server_settings, measure_live_drawing
         except ImportError:
             print("live drawing: not measured here (digitserve.live is not in this checkout)")
             return None
         began = time.perf_counter()
-        self.results["live_drawing"] = measure_live_drawing()
+        live = live_server_settings(ports=free_ports(), run_dir=self.run_root / "live",
+                                    model_store=self.model_store)
+        with TorchServe(live) as ts:
+            if self.on_start:
+                self.on_start(ts)
+            self.results["live_drawing"] = measure_live_drawing(run_dir=live.run_dir)
         self._stage("live drawing", began)
         return self.results["live_drawing"]
 
