@@ -22,6 +22,7 @@ import torch
 from digitserve import archive, config
 from digitserve.bench import analysis, floor, levers, onwire, servers, situations, tables
 from digitserve.bench.load import Measurement, RestCaller
+from digitserve.bench.serverlogs import log_bytes
 from digitserve.bench.settings import (
     FULL_BENCH,
     TLS_SERVER,
@@ -86,8 +87,9 @@ class BenchRun:
             bench_server.stop()
             raise
         self.server = bench_server
-        self.results["servers"].append({"kind": kind, "label": server.label, **asdict(server),
-                                        **bench_server.cold_start})
+        bench_server.entry = {"kind": kind, "label": server.label, **asdict(server),
+                              **bench_server.cold_start}
+        self.results["servers"].append(bench_server.entry)
         return bench_server
 
     def certificate(self):
@@ -125,16 +127,16 @@ class BenchRun:
         self._stage("main servers", began)
         return tables.main_table(self.results)
 
-    def _rows(self, kind: str, server_config: ServerConfig, concurrencies, requests: int) -> None:
+    def _rows(self, kind: str, server_config: ServerConfig, concurrencies, requests: int,
+              protocols=(GRPC, REST)) -> None:
+        """Measure a server's rows, and the log bytes TorchServe wrote per request meanwhile."""
         server = self.use(server_config, kind)
-        from digitserve.bench.serverlogs import log_bytes
-
         logged = log_bytes(server.run_dir)
         measured = servers.main_rows(server, replace(self.settings, requests=requests,
                                                      concurrencies=tuple(concurrencies)),
-                                     self.payloads, self.expected)
+                                     self.payloads, self.expected, protocols)
         calls = sum(m.summary()["requests"] for m in measured.values())
-        self.results["servers"][-1]["log_bytes_per_request"] = round(
+        server.entry["log_bytes_per_request"] = round(
             (log_bytes(server.run_dir) - logged) / max(calls, 1), 1)
         for (mode, concurrency), measurement in measured.items():
             _add_row(self.results, kind, mode, server_config, concurrency, measurement)
@@ -255,14 +257,8 @@ class BenchRun:
                 self.weights, self.model.handler.model, self.payloads, s)
         if s.server_levers:
             for lever in levers.lever_servers():
-                server = self.use(lever, "lever")
-                measured = {}
-                for concurrency in (1, max(s.concurrencies)):
-                    measured[(GRPC, concurrency)] = servers.load.drive(
-                        server.callers()[GRPC], self.payloads, self.expected, s.lever_requests,
-                        concurrency, s.warmup, server.server_cpu)
-                for (mode, concurrency), measurement in measured.items():
-                    _add_row(self.results, "lever", mode, lever, concurrency, measurement)
+                self._rows("lever", lever, (1, max(s.concurrencies)), s.lever_requests,
+                           protocols=(GRPC,))
             self.close()
         self._stage("levers", began)
         return tables.levers_table(self.results)

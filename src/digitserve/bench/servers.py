@@ -38,6 +38,8 @@ class BenchServer:
         self.ts: TorchServe | None = None
         self.client: DigitClient | None = None
         self.cold_start: dict = {}
+        #: This server's entry in the results' "servers" list (set by whoever records it).
+        self.entry: dict = {}
 
     def start(self, probe: bytes) -> BenchServer:
         """Start, then time the first prediction (of ``probe``): the cold start."""
@@ -113,11 +115,14 @@ class BenchServer:
 
 
 def main_rows(server: BenchServer, settings: BenchSettings, payloads: Sequence[bytes],
-              expected: Sequence[int]) -> dict[tuple[str, int], load.Measurement]:
-    """gRPC and REST at every concurrency, interleaved so that a drift touches both alike."""
+              expected: Sequence[int], protocols: Sequence[str] = (GRPC, REST)
+              ) -> dict[tuple[str, int], load.Measurement]:
+    """Each protocol at every concurrency, interleaved so that a drift touches all alike."""
     out = {}
     for concurrency in settings.concurrencies:
         for mode, make in server.callers().items():
+            if mode not in protocols:
+                continue
             out[(mode, concurrency)] = load.drive(make, payloads, expected, settings.requests,
                                                   concurrency, settings.warmup,
                                                   server.server_cpu)
