@@ -103,8 +103,8 @@ def test_takeaways_quote_this_runs_figures(results: dict) -> None:
                             f"{counts['grpc']}, REST in {counts['rest']}, and {counts['tie']} "
                             "were ties (within 10% of each other).")
     deadline = results["situations"]["deadlines"]
-    assert any(f"still ran {deadline['grpc']['worker_ran']} of the gRPC ones" in line
-               for line in takeaways)
+    assert any(f"worker still ran {deadline['grpc']['worker_ran']} and "
+               f"{deadline['rest']['worker_ran']} of them" in line for line in takeaways)
     assert not any("issue" in line for line in takeaways)
 
 

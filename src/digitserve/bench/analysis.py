@@ -241,9 +241,10 @@ def takeaways(results: dict, rows: list[dict]) -> list[str]:
                    "carries the call.")
     deadline = results.get("situations", {}).get("deadlines")
     if deadline:
-        out.append(f"A deadline frees the caller, not the server: after {deadline['calls']} "
-                   f"calls gave up, TorchServe's worker still ran {deadline[GRPC]['worker_ran']}"
-                   f" of the gRPC ones and {deadline[REST]['worker_ran']} of the REST ones.")
+        out.append(f"A deadline frees the caller, not the server: {deadline[GRPC]['expired']} "
+                   f"gRPC calls and {deadline[REST]['expired']} REST calls of "
+                   f"{deadline['calls']} gave up, and TorchServe's worker still ran "
+                   f"{deadline[GRPC]['worker_ran']} and {deadline[REST]['worker_ran']} of them.")
     return out
 
 

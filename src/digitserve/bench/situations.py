@@ -135,14 +135,14 @@ def many_callers(server: BenchServer, settings: BenchSettings, payloads: Sequenc
 
 
 def deadlines(server: BenchServer, settings: BenchSettings, image: bytes) -> dict:
-    """``batch_size`` calls at once with a deadline shorter than the server's batch delay.
+    """Half a batch of calls at once, with a deadline shorter than the server's batch delay.
 
-    The batch waits for ``deadline_batch_delay_ms``; every call gives up after
-    ``deadline_ms``. Then the worker's answers are counted from TorchServe's log: how many of
-    the abandoned calls it still ran.
+    Too few to fill a batch of ``batch_size``, the calls wait ``deadline_batch_delay_ms`` for
+    company; each gives up after ``deadline_ms``. Then the worker's answers are counted from
+    TorchServe's log: how many of the abandoned calls it still ran.
     """
     deadline_s = settings.deadline_ms / 1000
-    calls = settings.batch_size
+    calls = max(1, settings.batch_size // 2)
     out = {"deadline_ms": settings.deadline_ms, "calls": calls,
            "batch_delay_ms": settings.deadline_batch_delay_ms}
 
@@ -170,9 +170,10 @@ def deadlines(server: BenchServer, settings: BenchSettings, image: bytes) -> dic
         # Wait for the batch to be dispatched and answered (and the log to be written).
         time.sleep(settings.deadline_batch_delay_ms / 1000 + 1.5)
         answers = serverlogs.worker_answers(window)
-        expired = sum(outcome != "OK" for outcome in outcomes)
-        out[mode] = {"outcomes": sorted(set(outcomes)), "expired": expired,
-                     "ms_to_error_p50": round(float(np.median(times)) * 1000, 1),
+        failed = [t for t, outcome in zip(times, outcomes, strict=True) if outcome != "OK"]
+        out[mode] = {"outcomes": sorted(set(outcomes)), "expired": len(failed),
+                     "ms_to_error_p50": (round(float(np.median(failed)) * 1000, 1)
+                                         if failed else None),
                      "worker_ran": answers["answered"],
                      "answered_after_cancel": answers["answered_after_cancel"]}
     return out
