@@ -167,6 +167,8 @@ def test_write_results_writes_every_file(results: dict, tmp_path: Path) -> None:
     assert set(why) >= {"situations", "live_drawing"}
     assert set(why["live_drawing"]) == LIVE_KEYS
     assert all(set(row) == ROW_KEYS for row in why["situations"])
+    readme = tables.readme_section(results)
+    assert results["why_grpc"]["takeaways"][0] in readme and "| use gRPC when" in readme
     report = Path(files["markdown"]).read_text()
     for heading in ("## Takeaways", "## Use gRPC when", "## Every comparison", "## Deadlines",
                     "## Many callers", "## Levers"):

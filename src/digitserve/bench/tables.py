@@ -351,6 +351,22 @@ def report(results: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def readme_section(results: dict) -> str:
+    """The README's "What it measured here", from one run (paste it after a quiet full run)."""
+    env = results["environment"]
+    load = env.get("load_average_start"), env.get("load_average_end")
+    setting = "QUICK setting" if results["settings"]["quick"] else "full setting"
+    return "\n\n".join([
+        f"One `make bench` ({setting}) on {env['cpus']} CPUs ({env['processor']}), started "
+        f"{env['started_at']}, load average {load[0]} at the start and {load[1]} at the end; "
+        f"gRPC and REST against the same TorchServe {env['torchserve']}, same images, same "
+        f"run (`build/bench/results.md` has every figure; a tie is within "
+        f"{analysis.TIE_TOLERANCE:.0%}).",
+        "\n".join(f"- {line}" for line in results["why_grpc"]["takeaways"]),
+        decision_table(results),
+    ]) + "\n"
+
+
 def write_results(results: dict, out_dir: Path) -> dict[str, str]:
     """Write why_grpc.json, results.json/.csv/.md and the figures; return their paths."""
     out_dir = Path(out_dir)
