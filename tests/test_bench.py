@@ -154,6 +154,16 @@ def test_findings_say_which_lever_won_from_the_numbers(results: dict) -> None:
 def test_write_results_writes_every_file(results: dict, tmp_path: Path) -> None:
     results = copy.deepcopy(results)
     results["live_drawing"] = {key: 1 for key in LIVE_KEYS}
+    # The shape digitserve.worst_case.measure documents, served figures left out.
+    results["worst_case"] = {
+        "limit_pixels": 4194304, "max_request_bytes": 4194304, "repeats": 1,
+        "cases": [{"case": "png_rgba", "description": "RGBA PNG 2048×2048",
+                   "grpc_request_bytes": 123456, "in_process_answer": "digit 1",
+                   "in_process_ms": 812.0, "in_process_peak_rise_mb": 96.5,
+                   "served_answer": None, "served_ms": None, "worker_peak_rise_mb": None,
+                   "worker_rss_mb": None, "same_worker": None}],
+        "worst": {"in_process_ms": 812.0, "in_process_peak_rise_mb": 96.5, "served_ms": None,
+                  "worker_peak_rise_mb": None, "worker_rss_mb": None, "cases": {}}}
     results["why_grpc"] = analysis.why_grpc(results)
     files = tables.write_results(results, tmp_path)
     assert set(files) >= {"why_grpc", "json", "csv", "markdown"} | {
@@ -170,8 +180,9 @@ def test_write_results_writes_every_file(results: dict, tmp_path: Path) -> None:
     readme = tables.readme_section(results)
     assert results["why_grpc"]["takeaways"][0] in readme and "| use gRPC when" in readme
     report = Path(files["markdown"]).read_text()
+    assert "| png_rgba | RGBA PNG 2048×2048 | 123,456 | digit 1 | 812 | 96 |" in report
     for heading in ("## Takeaways", "## Use gRPC when", "## Every comparison", "## Deadlines",
-                    "## Many callers", "## Levers"):
+                    "## Many callers", "## Levers", "## Live drawing", "## The worst-case"):
         assert heading in report
     assert "issue" not in report
 

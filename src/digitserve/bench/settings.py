@@ -183,7 +183,10 @@ class BenchSettings:
     payload_requests: int = 60
     #: Encoding: typed OIP tensor (gRPC) against a JSON pixel list (REST), calls each.
     encoding_requests: int = 200
-    #: Lever servers (threads × workers, OMP_WAIT_POLICY, logging, batch delay), calls each.
+    #: The worst-case request (digitserve.worst_case): calls per case; the QUICK setting
+    #: measures it in-process only.
+    worst_case_repeats: int = 1
+    #: Lever servers (threads × workers, OMP_WAIT_POLICY, logging), calls each.
     server_levers: bool = True
     lever_requests: int = 200
     #: In-process levers (inference_mode, channels_last, TorchScript; torch.compile optional:

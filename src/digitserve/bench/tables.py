@@ -134,6 +134,26 @@ def deadline_table(results: dict) -> str:
                      "the worker still ran", "answers dropped by the frontend"], lines)
 
 
+def worst_case_table(results: dict) -> str:
+    """One line per costliest request, then the worst of each figure."""
+    found = results.get("worst_case")
+    if not found:
+        return "(not measured)"
+    lines = [[row["case"], row["description"], f"{row['grpc_request_bytes']:,}",
+              row["in_process_answer"], fmt(row["in_process_ms"], 0),
+              fmt(row["in_process_peak_rise_mb"], 0), row["served_answer"] or "–",
+              fmt(row["served_ms"], 0), fmt(row["worker_peak_rise_mb"], 0)]
+             for row in found["cases"]]
+    worst = found["worst"]
+    return (markdown(["case", "request", "bytes", "answer (in-process)", "ms", "peak rise MiB",
+                      "answer (served)", "served ms", "worker peak rise MiB"], lines)
+            + f"\n\nWorst: {fmt(worst['in_process_ms'], 0)} ms and "
+            f"{fmt(worst['in_process_peak_rise_mb'], 0)} MiB in-process; "
+            f"{fmt(worst['served_ms'], 0)} ms and {fmt(worst['worker_peak_rise_mb'], 0)} MiB "
+            f"through TorchServe (a worker of {fmt(worst['worker_rss_mb'], 0)} MiB at most); "
+            f"{found['repeats']} call(s) per case.")
+
+
 def levers_table(results: dict) -> str:
     lines = []
     batch = results["floor"]["batch_size"]
@@ -343,8 +363,8 @@ def report(results: dict) -> str:
         parts += ["## Live drawing", markdown(["figure", "value"], [
             [key, value] for key, value in results["live_drawing"].items() if key != "answers"])]
     if results.get("worst_case"):
-        parts += ["## The worst-case request (at the kit's input limits)", markdown(
-            ["figure", "value"], [[key, value] for key, value in results["worst_case"].items()])]
+        parts += ["## The worst-case request (at the kit's input limits)",
+                  worst_case_table(results)]
     parts += ["## Cold start and logging", cold_start_table(results)]
     if results["levers"] or lever_servers(results):
         parts += ["## Levers", levers_table(results)]
