@@ -117,10 +117,16 @@ def test_time_breakdown_adds_up_to_the_call_from_its_sources(results: dict) -> N
         assert [p["part"] for p in entry["parts"]] == list(analysis.PARTS)
         assert all(p["ms"] >= 0 for p in entry["parts"])
         assert entry["total_ms"] == reuse[key]["trimmed_mean_ms"]
-        # The two halves of the handler come from the floor.
-        assert entry["parts"][-1]["ms"] == results["floor"]["forward_p50_ms"]
-        assert entry["parts"][-2]["ms"] == results["floor"]["preprocess_p50_ms"]
+        # The two halves of the handler come from the floor, scaled to fit the handler's time.
+        scale = entry["floor_scaled"]
+        assert 0 < scale <= 1
+        assert entry["parts"][-1]["ms"] == pytest.approx(
+            results["floor"]["forward_p50_ms"] * scale, abs=1e-3)
+        assert entry["parts"][-2]["ms"] == pytest.approx(
+            results["floor"]["preprocess_p50_ms"] * scale, abs=1e-3)
         log = reuse[key]["server_log"]
+        assert sum(p["ms"] for p in entry["parts"][-3:]) == pytest.approx(
+            max(log["handler_ms"], 0), abs=2e-3)
         assert entry["parts"][0]["ms"] == pytest.approx(
             max(entry["total_ms"] - log["in_frontend_ms"], 0), abs=1e-3)
     assert "One gRPC call" in tables.breakdown_sentence(results)

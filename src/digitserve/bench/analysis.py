@@ -143,8 +143,10 @@ def breakdown(results: dict) -> dict:
     Sources: the client's own timing (the whole call); TorchServe's log lines for the same
     calls (time in the frontend from queueing to answer, the worker round trip, the handler's
     ``PredictionTime``); and the in-process floor for the handler's two halves (reading the
-    image, the model). A part that comes out below zero (the sources' clocks differ a little)
-    is shown as zero.
+    image, the model). When the floor's two halves add up to more than the handler's own time
+    (the floor ran at another moment of a busy machine), they are scaled down to fit it, in
+    their proportion (``floor_scaled``). A part that comes out below zero (the sources' clocks
+    differ a little) is shown as zero.
     """
     reuse = results.get("situations", {}).get("connection_reuse", {}).get("plaintext")
     floor = results.get("floor")
@@ -159,6 +161,8 @@ def breakdown(results: dict) -> dict:
             continue
         client = measured.get("trimmed_mean_ms") or measured["mean_ms"]
         read, model = floor["preprocess_p50_ms"], floor["forward_p50_ms"]
+        scaled = min(1.0, log["handler_ms"] / (read + model)) if read + model else 1.0
+        read, model = read * scaled, model * scaled
         values = (client - log["in_frontend_ms"],
                   log["in_frontend_ms"] - log["worker_round_trip_ms"],
                   log["worker_round_trip_ms"] - log["handler_ms"],
@@ -169,6 +173,7 @@ def breakdown(results: dict) -> dict:
             "parts": [{"part": name, "ms": round(max(value, 0.0), 3)}
                       for name, value in zip(PARTS, values, strict=True)],
             "requests_logged": log.get("requests_logged"),
+            "floor_scaled": round(scaled, 3),
         }
     return out
 
