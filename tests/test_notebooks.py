@@ -137,27 +137,38 @@ def check_06_grpc_api(metrics: dict) -> None:
     assert_no_server_left()
 
 
-def check_07_benchmark(metrics: dict) -> None:
-    """Every file written, every mode at every concurrency measured, every answer right.
+def check_08_why_grpc(metrics: dict) -> None:
+    """why_grpc.json holds every situation with its verdict, every file was written, every
+    measured call answered right; the live drawing is there once its model is in the kit.
 
-    No timing is asserted: the targets are recorded with their values, met or not.
+    No timing is asserted: the verdicts are whatever this run measured.
     """
+    import importlib.util
+    import json
+
     for name, path in metrics["files"].items():
         assert Path(path).is_file() and Path(path).stat().st_size > 0, name
-    assert metrics["settings"]["quick"] is True
-    assert metrics["modes"] == ["grpc", "grpc-stream", "in-process", "rest"]
-    assert metrics["concurrencies"] == sorted(metrics["settings"]["concurrencies"])
-    assert len(metrics["servers"]) == 2
-    # The floor at batch 1 and 8 for each thread count, then 3 modes × callers × 2 servers.
-    assert metrics["floor_threads"][0] == 1
-    assert metrics["n_rows"] == (2 * len(metrics["floor_threads"])
-                                 + 2 * 3 * len(metrics["settings"]["concurrencies"]))
+    assert metrics["settings_quick"] is True
+    why = json.loads(Path(metrics["files"]["why_grpc"]).read_text())
+    keys = {"id", "situation", "measure", "unit", "grpc", "rest", "better", "ratio"}
+    assert all(set(row) == keys for row in why["situations"])
+    assert {row["better"] for row in why["situations"]} <= {"grpc", "rest", "tie"}
+    assert set(metrics["situation_ids"]) == {
+        "connection_reuse_plaintext", "connection_reuse_tls", "new_connection_both_plaintext",
+        "new_connection_both_tls", "rest_as_good", "many_callers_64", "deadlines", "payload",
+        "encoding"}
     assert metrics["errors"] == 0 and metrics["mismatches"] == 0
-    assert metrics["floor_p50_ms"] > 0 and metrics["floor_batch_throughput_rps"] > 0
-    assert all(seconds > 0 for seconds in metrics["cold_start_s"])
-    assert len(metrics["targets"]) == 4
-    assert all(isinstance(t["met"], bool) for t in metrics["targets"].values())
-    assert metrics["n_levers"] >= 6 and metrics["n_findings"] >= 5
+    assert metrics["breakdown_modes"] == ["grpc", "rest"]
+    assert {"HEADERS", "DATA"} <= set(metrics["wire_grpc_frames"])
+    assert metrics["wire_rest_first_line"].startswith("POST /predictions/")
+    assert metrics["deadline_outcomes"] == {"grpc": ["DEADLINE_EXCEEDED"],
+                                            "rest": ["client timeout"]}
+    assert metrics["n_takeaways"] >= 3
+    if importlib.util.find_spec("digitserve.live") is not None:
+        live = why["live_drawing"]
+        assert set(live) == {"strokes", "answers", "bytes_grpc", "bytes_rest",
+                             "ms_per_update_grpc", "ms_per_update_rest"}
+        assert live["strokes"] >= 5 and len(live["answers"]) == live["strokes"]
     assert_no_server_left()
 
 
@@ -168,7 +179,7 @@ CHECKS = {
     "04_grpc_client": check_04_grpc_client,
     "05_robust_serving": check_05_robust_serving,
     "06_grpc_api": check_06_grpc_api,
-    "07_benchmark": check_07_benchmark,
+    "08_why_grpc": check_08_why_grpc,
 }
 #: The first notebook whose run failed: the ones after it are skipped, not failed again.
 _failed: list[str] = []

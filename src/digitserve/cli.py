@@ -165,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(run=run_report)
 
     bench = commands.add_parser(
-        "bench", help="measure TorchServe (gRPC, REST, streaming) against in-process inference")
+        "bench", help="when does gRPC pay off? gRPC and REST side by side (build/bench/)")
     bench.add_argument("--quick", action="store_true",
-                       help="small counts, two servers, no levers (CI; not for reporting)")
+                       help="small counts, no lever servers (CI; not for reporting)")
     bench.set_defaults(run=run_bench)
 
     predict = commands.add_parser("predict", help="classify images over gRPC, one JSON line each")
@@ -326,16 +326,17 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Run the benchmark of notebook 07; print where the results went and the main table."""
+    """Run the benchmark of notebook 08; print the decision table and where the results went."""
     from digitserve import bench
+    from digitserve.bench import tables
 
-    results = bench.run_benchmark(bench.QUICK if args.quick else bench.FULL)
-    print(bench.markdown_table(results))
+    results = bench.run_benchmark(bench.QUICK_BENCH if args.quick else bench.FULL_BENCH)
+    print(tables.decision_table(results))
     print()
-    print(bench.targets_table(results))
+    print("\n".join(f"- {line}" for line in results["why_grpc"]["takeaways"]))
     print("\nResults:")
     for name, path in results["files"].items():
-        print(f"  {name:15} {path}")
+        print(f"  {name:22} {path}")
     return 0
 
 
