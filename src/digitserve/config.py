@@ -62,3 +62,24 @@ RUN_DIR = Path(
         Path.home() / ".cache" / "digitserve" / f"run-{DEFAULT_PORTS.grpc_inference}",
     )
 )
+
+# -- The live-drawing model (notebook 07): a stateful twin of digitmodel ----------------------
+#: Served beside digitmodel with TorchServe's sequence batching: it keeps one canvas per
+#: sequence id and answers after every pen stroke sent over StreamPredictions2.
+LIVE_MODEL_NAME = "digitlive"
+LIVE_ARCHIVE_NAME = "digit-live"
+LIVE_ARCHIVE_PATH = MODEL_STORE / f"{LIVE_ARCHIVE_NAME}.mar"
+#: How long (ms) TorchServe's frontend waits for a sequence's next request before it lets the
+#: sequence's slot go. The handler's canvas outlives it: the next stroke with the same sequence
+#: id simply opens a new slot. Short, because an idle sequence holds one of the frontend's
+#: batchSize + 1 polling threads for that long, and other sequences wait for a free one.
+LIVE_SEQUENCE_MAX_IDLE_MS = 1000
+#: Sequences the frontend tracks at once (more are refused), and strokes queued per sequence.
+LIVE_MAX_SEQUENCES = 32
+LIVE_MAX_QUEUED_STROKES = 16
+#: Canvases the handler keeps (the least recently used goes first), and for how long one may
+#: sit unused before it is dropped.
+LIVE_MAX_CANVASES = 64
+LIVE_CANVAS_IDLE_S = 1800
+#: Deadline of one StreamPredictions2 call: a drawing session, person-paced.
+LIVE_SESSION_DEADLINE_S = 1800.0
