@@ -18,7 +18,9 @@ from digitserve.config import (
     ARCHIVE_NAME,
     ARCHIVE_PATH,
     LIVE_ARCHIVE_NAME,
+    LIVE_BATCH_SIZE,
     LIVE_CANVAS_IDLE_S,
+    LIVE_MAX_BATCH_DELAY_MS,
     LIVE_MAX_CANVASES,
     LIVE_MAX_QUEUED_STROKES,
     LIVE_MAX_SEQUENCES,
@@ -94,7 +96,8 @@ def live_model_config() -> dict:
     return {
         "minWorkers": 1,
         "maxWorkers": 1,
-        "batchSize": 1,
+        "batchSize": LIVE_BATCH_SIZE,
+        "maxBatchDelay": LIVE_MAX_BATCH_DELAY_MS,
         "sequenceBatching": True,
         # Sequence batching is off unless this is above 0 (and then every request of a sequence
         # goes to the same worker, in order).

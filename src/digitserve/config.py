@@ -69,10 +69,17 @@ RUN_DIR = Path(
 LIVE_MODEL_NAME = "digitlive"
 LIVE_ARCHIVE_NAME = "digit-live"
 LIVE_ARCHIVE_PATH = MODEL_STORE / f"{LIVE_ARCHIVE_NAME}.mar"
-#: How long (ms) TorchServe's frontend waits for a sequence's next request before it lets the
-#: sequence's slot go. The handler's canvas outlives it: the next stroke with the same sequence
-#: id simply opens a new slot. Short, because an idle sequence holds one of the frontend's
-#: batchSize + 1 polling threads for that long, and other sequences wait for a free one.
+#: TorchServe's frontend polls the sequences with batchSize + 1 threads, one of them always
+#: waiting for new sequences: at most batchSize sequences move at once. A sequence holds its
+#: thread until its next request comes or it has been idle for sequenceMaxIdleMSec; a sequence
+#: beyond batchSize waits for a thread that long (here: 1 s for the second drawing with a
+#: batch size of 1). A batch size of 4 lets four drawings move together; a lone stroke then
+#: waits up to the batch delay for company, so the delay is short.
+LIVE_BATCH_SIZE = 4
+LIVE_MAX_BATCH_DELAY_MS = 2
+#: How long (ms) the frontend waits for a sequence's next request before it lets the sequence's
+#: slot go. The handler's canvas outlives it: the next stroke with the same sequence id opens a
+#: new slot and finds its canvas.
 LIVE_SEQUENCE_MAX_IDLE_MS = 1000
 #: Sequences the frontend tracks at once (more are refused), and strokes queued per sequence.
 LIVE_MAX_SEQUENCES = 32

@@ -38,6 +38,8 @@ from digitserve.client import (
 from digitserve.config import (
     HOST,
     LIVE_ARCHIVE_NAME,
+    LIVE_BATCH_SIZE,
+    LIVE_MAX_BATCH_DELAY_MS,
     LIVE_MODEL_NAME,
     LIVE_SESSION_DEADLINE_S,
     MODEL_NAME,
@@ -126,9 +128,11 @@ class LiveDrawing:
         self._lock = threading.Lock()
 
     # -- the drawing ---------------------------------------------------------------------------
-    def send(self, points: Sequence[Sequence[float]]) -> LiveAnswer:
-        """Send one finished stroke (canvas pixels); the answer for the canvas with it."""
-        inputs = {"stroke": strokes.encode(points)}
+    def send(self, points: Sequence[Sequence[float]] | bytes) -> LiveAnswer:
+        """Send one finished stroke (canvas pixels, or already encoded); the answer for the
+        canvas with it. An unreadable stroke raises ``InvalidInputError``; the call goes on."""
+        stroke = points if isinstance(points, bytes) else strokes.encode(points)
+        inputs = {"stroke": stroke}
         if self._clear_next:
             inputs["clear"] = b"1"
         answer = self._exchange(inputs)
@@ -260,7 +264,8 @@ def live_server_settings(**overrides):
     settings = ServerSettings(**overrides)
     archive.require_live(Path(settings.model_store) / f"{archive.ARCHIVE_NAME}.mar",
                          settings.model_store)
-    live = ModelSpec(name=LIVE_MODEL_NAME, mar=LIVE_MODEL_MAR)
+    live = ModelSpec(name=LIVE_MODEL_NAME, mar=LIVE_MODEL_MAR, batch_size=LIVE_BATCH_SIZE,
+                     max_batch_delay_ms=LIVE_MAX_BATCH_DELAY_MS)
     return replace(settings, models=(ModelSpec(), live))
 
 
@@ -326,12 +331,17 @@ def run_live_drawing(run_dir: Path, drawing: Sequence[Sequence[Sequence[float]]]
                            "ServerSettings from live.live_server_settings().")
     ports, key_file = state["ports"], Path(state["key_file"])
     management = f"{HOST}:{ports['grpc_management']}"
+    # One sequence id for every drawing, each started with a clear: a drawer who clears and
+    # draws again. (A new sequence per drawing would wait for the frontend's polling thread
+    # that the last one holds until it has been idle LIVE_SEQUENCE_MAX_IDLE_MS.)
+    sequence_id = f"measure-{uuid.uuid4().hex[:12]}"
     records: list[StrokeRecord] = []
     with WireCounter(ports["grpc_inference"]) as grpc_wire, \
             WireCounter(ports["http_inference"]) as rest_wire, \
             DigitClient(grpc_wire.address, management, key_file=key_file) as client:
         rest = RestCanvas(rest_wire.port, dict(client.metadata("inference"))["authorization"])
-        session = LiveDrawing(client)
+        session = LiveDrawing(client, sequence_id)
+        session.clear()
         try:
             for points, png in zip(drawing, pngs, strict=True):
                 before_g, before_r = grpc_wire.wait_quiet(0.02), rest_wire.wait_quiet(0.02)
@@ -343,13 +353,13 @@ def run_live_drawing(run_dir: Path, drawing: Sequence[Sequence[Sequence[float]]]
                     len(points), answer.prediction, rest_answer, answer.request_bytes,
                     len(png), ((after_g - before_g).sent, (after_g - before_g).received),
                     ((after_r - before_r).sent, (after_r - before_r).received)))
-            session.close()
+            session.close(end=False)
         finally:
             rest.close()
         grpc_total, rest_total = grpc_wire.wait_quiet(), rest_wire.wait_quiet()
     run = LiveDrawingRun(records, grpc_total.total, rest_total.total,
                          {"grpc": grpc_total.connections, "rest": rest_total.connections})
-    with DigitClient.for_run_dir(run_dir) as client:
+    with DigitClient.for_run_dir(run_dir) as client, LiveDrawing(client, sequence_id) as session:
         rest = RestCanvas(ports["http_inference"],
                           dict(client.metadata("inference"))["authorization"])
         try:
@@ -358,8 +368,8 @@ def run_live_drawing(run_dir: Path, drawing: Sequence[Sequence[Sequence[float]]]
                 order = ("grpc", "rest") if round_index % 2 else ("rest", "grpc")
                 for api in order:
                     if api == "grpc":
-                        with LiveDrawing(client) as session:
-                            ms_grpc = [1000 * session.send(p).seconds for p in drawing]
+                        session.clear()
+                        ms_grpc = [1000 * session.send(p).seconds for p in drawing]
                     else:
                         ms_rest = [1000 * rest.predict(png)[1] for png in pngs]
                 if round_index:
