@@ -33,9 +33,11 @@ from digitserve.strokes import CANVAS_PIXELS, PEN_PIXELS
 
 if TYPE_CHECKING:
     from digitserve.client import DigitClient, Prediction
+    from digitserve.live import LiveDrawingRun
 
 __all__ = ["CANVAS_PIXELS", "PEN_PIXELS", "EXAMPLE_STROKES", "png_from_strokes",
-           "probability_chart", "drawing_pad", "live_drawing_pad", "live_drawing_figure"]
+           "probability_chart", "drawing_pad", "live_drawing_pad", "live_drawing_figure",
+           "live_wire_figure"]
 
 #: Pen strokes for a few digits, in fractions of the canvas (x right, y down).
 EXAMPLE_STROKES: dict[int, list[list[tuple[float, float]]]] = {
@@ -220,7 +222,7 @@ def drawing_pad(client: DigitClient, interactive: bool | None = None, example_di
             prediction = client.predict(png)
         except ServingError as err:
             show(b"")
-            status.value = f"<b style='color:#c0392b'>{html.escape(str(err))}</b>"
+            status.value = _error_html(err)
             return
         show(figure_png(probability_chart(png, prediction)))
         status.value = (f"Sent {len(png):,} bytes of PNG over gRPC: the answer is "
@@ -292,8 +294,7 @@ def live_drawing_pad(client: DigitClient, interactive: bool | None = None):
         try:
             result = session.send(points)
         except ServingError as err:
-            status.value = ("<div class='digitserve-live-status' style='color:#c0392b'><b>"
-                            f"{html.escape(str(err))}</b></div>")
+            status.value = f"<div class='digitserve-live-status'>{_error_html(err)}</div>"
             return
         prediction = result.prediction
         png = base64.b64decode(canvas.png.split(",", 1)[1]) if canvas.png else b""
@@ -336,8 +337,20 @@ def live_drawing_figure(drawing: Sequence[Sequence[Sequence[float]]],
         ax.set_title(f"stroke {n}: {prediction.digit} ({prediction.probability:.0%})",
                      fontsize=10, fontweight="bold" if n == len(drawing) else "normal")
         png = len(live.canvas_png(drawing[:n]))
-        ax.set_xlabel(f"sent {sent} B\n(PNG: {png:,} B)", fontsize=9)
+        ax.set_xlabel(f"message {sent} B\n(the canvas as PNG: {png:,} B)", fontsize=9)
     return fig
+
+
+#: What the pads add when the server is gone: the lessons stop theirs in their last cell.
+RESTART_HINT = ("The lesson's last cell stops the server: to draw again, run `ts.start()` in a "
+                "new cell, and `ts.stop()` when you are done.")
+
+
+def _error_html(err: Exception) -> str:
+    from digitserve.client import ServerUnavailableError
+
+    hint = f" {RESTART_HINT}" if isinstance(err, ServerUnavailableError) else ""
+    return f"<b style='color:#c0392b'>{html.escape(str(err) + hint)}</b>"
 
 
 def _canvas_widget():
@@ -362,3 +375,31 @@ def _canvas_widget():
         stroke = traitlets.Dict().tag(sync=True)
 
     return DigitCanvas()
+
+
+def live_wire_figure(run: LiveDrawingRun) -> Figure:
+    """Bytes on the wire for each update of a measured drawing, gRPC against REST, and the
+    time per update (``live.run_live_drawing``)."""
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    bytes_ax, time_ax = fig.subplots(1, 2, width_ratios=[2.2, 1])
+    n = np.arange(1, len(run.strokes) + 1)
+    width = 0.38
+    for offset, api, color in ((-width / 2, "grpc", "tab:blue"), (width / 2, "rest", "tab:orange")):
+        wire = np.array([getattr(s, f"{api}_wire") for s in run.strokes])
+        label = "gRPC, the new stroke" if api == "grpc" else "REST, the whole canvas (PNG)"
+        bytes_ax.bar(n + offset, wire[:, 0], width, color=color, label=f"{label}: sent")
+        bytes_ax.bar(n + offset, wire[:, 1], width, bottom=wire[:, 0], color=color, alpha=0.45,
+                     label=f"{label}: received")
+    tallest = max(max(sum(s.grpc_wire), sum(s.rest_wire)) for s in run.strokes)
+    bytes_ax.set(xticks=n, xlabel="stroke", ylabel="bytes on the wire", ylim=(0, 1.5 * tallest))
+    bytes_ax.set_title("Each update on the wire (stroke 1 includes the connection set-up)",
+                       fontsize=10)
+    bytes_ax.legend(fontsize=8, loc="upper left", ncol=2, frameon=False)
+    bytes_ax.grid(axis="y", alpha=0.3)
+    times = [run.ms_grpc, run.ms_rest]
+    time_ax.boxplot(times, showfliers=False, widths=0.5)
+    time_ax.set_xticks([1, 2], ["gRPC", "REST"])
+    time_ax.set(ylabel="ms from sending to the answer", ylim=(0, None))
+    time_ax.set_title(f"Time per update ({len(run.ms_grpc)} each)", fontsize=10)
+    time_ax.grid(axis="y", alpha=0.3)
+    return fig
