@@ -298,19 +298,19 @@ def live_drawing_pad(client: DigitClient, interactive: bool | None = None):
             return
         prediction = result.prediction
         png = base64.b64decode(canvas.png.split(",", 1)[1]) if canvas.png else b""
+        if png:  # the chart first: the list below is what says this stroke is answered
+            answer.value = figure_png(probability_chart(png, prediction))
+            answer.layout.display = "block"
+        status.value = (
+            f"<div class='digitserve-live-status' data-digit='{prediction.digit}'>After "
+            f"{result.strokes} stroke(s) TorchServe says <b>{prediction.digit}</b> "
+            f"({prediction.probability:.1%}). Keep drawing, or <i>Clear</i>.</div>")
         rows.append(
             f"<li data-digit='{prediction.digit}' data-probability='{prediction.probability}'>"
             f"stroke {result.strokes}: <b>{prediction.digit}</b> "
             f"({prediction.probability:.1%}), {result.request_bytes:,} bytes sent in "
             f"{1000 * result.seconds:.0f} ms (the whole canvas as PNG: {len(png):,} bytes)</li>")
         listing.value = f"<ol class='digitserve-live-answers'>{''.join(rows)}</ol>"
-        status.value = (
-            f"<div class='digitserve-live-status' data-digit='{prediction.digit}'>After "
-            f"{result.strokes} stroke(s) TorchServe says <b>{prediction.digit}</b> "
-            f"({prediction.probability:.1%}). Keep drawing, or <i>Clear</i>.</div>")
-        if png:
-            answer.value = figure_png(probability_chart(png, prediction))
-            answer.layout.display = "block"
 
     canvas.observe(on_stroke, names="stroke")
     return widgets.HBox(

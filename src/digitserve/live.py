@@ -163,8 +163,11 @@ class LiveDrawing:
                     self._requests.put(None)  # half-close: the server then ends the call
                 call, self._call, self._requests = self._call, None, None
             if call is not None:
-                for _ in call:  # drain to the end of the call (nothing more is expected)
-                    pass
+                try:
+                    for _ in call:  # drain to the end of the call (nothing more is expected)
+                        pass
+                except grpc.RpcError:
+                    pass  # ended by a deadline or a lost server: nothing is left to close
 
     def __enter__(self) -> LiveDrawing:
         return self
