@@ -9,7 +9,10 @@ export JUPYTER_PREFER_ENV_PATH := 1
 
 .PHONY: env demo test test-unit test-integration test-notebooks bench report lab lint lock clean
 
-env: $(STAMP)
+# JupyterLab's settings for this environment (no news prompt): see jupyterlab/overrides.json5.
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.d/digitserve.json5
+
+env: $(STAMP) $(LAB_OVERRIDES)
 
 # Everything goes into .venv: nothing is installed outside the project, so this works where the
 # system pip refuses to install (an "externally managed" Python).
@@ -20,6 +23,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m ipykernel install --sys-prefix --name digitserve --display-name "Python (digitserve)" >/dev/null
 	$(BIN)/digitserve check
 	@touch $@
+
+$(LAB_OVERRIDES): jupyterlab/overrides.json5 | $(STAMP)
+	@mkdir -p $(@D)
+	cp $< $@
 
 demo: env
 	$(BIN)/digitserve demo
@@ -46,9 +53,14 @@ bench: env
 report: env
 	$(BIN)/digitserve report
 
+# JupyterLab refuses to run as root unless told --allow-root. Containers, cloud VMs and many
+# workshop machines log you in as root, so it is allowed there, and only there: as any other
+# user the flag is left out. Extra options go in LAB_ARGS, e.g. `make lab LAB_ARGS=--port=9999`.
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: env
 	$(BIN)/digitserve data
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ROOT) $(LAB_ARGS)
 
 lint: env
 	$(BIN)/ruff check src tests

@@ -172,6 +172,29 @@ def check_08_why_grpc(metrics: dict) -> None:
     assert_no_server_left()
 
 
+def check_07_streaming_and_oip(metrics: dict) -> None:
+    """Streaming answered, the live drawing answered every stroke as REST answered the whole
+    canvas, with fewer bytes; the Open Inference Protocol answered under TorchServe's own name.
+
+    No timing is asserted: the times per update are recorded, whichever API was faster.
+    """
+    assert metrics["stream_stages"][-1] == "final" and metrics["stream_final_equals_unary"]
+    assert "sequenceId is required" in metrics["no_sequence_id"]
+    live = metrics["live_drawing"]
+    assert live["strokes"] >= 5 and len(live["answers"]) == live["strokes"]
+    assert all(answer["same_as_rest"] for answer in live["answers"]), live["answers"]
+    assert metrics["live_connections"] == {"grpc": 1, "rest": 1}
+    assert live["bytes_grpc"] < live["bytes_rest"]
+    assert all(stroke < png for stroke, png in zip(metrics["live_stroke_bytes"],
+                                                   metrics["live_png_bytes"], strict=True))
+    assert live["ms_per_update_grpc"] > 0 and live["ms_per_update_rest"] > 0
+    assert metrics["oip_same_as_grpc"] is True
+    assert metrics["oip_metadata"]["name"] == "digitmodel"
+    assert metrics["standard_oip_name"] == "UNIMPLEMENTED"
+    assert metrics["stopped"] is True
+    assert_no_server_left()
+
+
 CHECKS = {
     "01_train": check_01_train,
     "02_archive": check_02_archive,

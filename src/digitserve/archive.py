@@ -17,6 +17,15 @@ from pathlib import Path
 from digitserve.config import (
     ARCHIVE_NAME,
     ARCHIVE_PATH,
+    LIVE_ARCHIVE_NAME,
+    LIVE_BATCH_SIZE,
+    LIVE_CANVAS_IDLE_S,
+    LIVE_MAX_BATCH_DELAY_MS,
+    LIVE_MAX_CANVASES,
+    LIVE_MAX_QUEUED_STROKES,
+    LIVE_MAX_SEQUENCES,
+    LIVE_MODEL_NAME,
+    LIVE_SEQUENCE_MAX_IDLE_MS,
     MODEL_NAME,
     MODEL_STORE,
     MODEL_VERSION,
@@ -74,3 +83,71 @@ def describe_archive(mar: Path) -> dict:
             "files": {info.filename: info.file_size for info in archive.infolist()},
             "manifest": json.loads(archive.read("MAR-INF/MANIFEST.json")),
         }
+
+
+# -- the live-drawing model (notebook 07) -------------------------------------------------------
+LIVE_HANDLER_FILE = PACKAGE_DIR / "live_handler.py"
+LIVE_EXTRA_FILES = (HANDLER_FILE, PACKAGE_DIR / "preprocessing.py", PACKAGE_DIR / "strokes.py")
+
+
+def live_model_config() -> dict:
+    """The live model's ``model-config.yaml``: TorchServe's sequence batching, and the handler's
+    canvas limits (its ``handler`` section)."""
+    return {
+        "minWorkers": 1,
+        "maxWorkers": 1,
+        "batchSize": LIVE_BATCH_SIZE,
+        "maxBatchDelay": LIVE_MAX_BATCH_DELAY_MS,
+        "sequenceBatching": True,
+        # Sequence batching is off unless this is above 0 (and then every request of a sequence
+        # goes to the same worker, in order).
+        "sequenceMaxIdleMSec": LIVE_SEQUENCE_MAX_IDLE_MS,
+        "maxNumSequence": LIVE_MAX_SEQUENCES,
+        "maxSequenceJobQueueSize": LIVE_MAX_QUEUED_STROKES,
+        "handler": {"max_canvases": LIVE_MAX_CANVASES, "canvas_idle_s": LIVE_CANVAS_IDLE_S},
+    }
+
+
+def build_live_archive(source_mar: Path = ARCHIVE_PATH, model_store: Path = MODEL_STORE,
+                       archive_name: str = LIVE_ARCHIVE_NAME, model_name: str = LIVE_MODEL_NAME
+                       ) -> Path:
+    """Archive the live-drawing model with the weights and version of ``source_mar``.
+
+    The same network and weights as digitmodel, with ``live_handler.py`` as the handler and
+    ``live_model_config()`` as its model-config.yaml; returns ``<archive_name>.mar``.
+    """
+    import yaml
+
+    manifest = describe_archive(require(source_mar))["manifest"]
+    model_store = Path(model_store)
+    model_store.mkdir(parents=True, exist_ok=True)
+    archiver = Path(sys.executable).with_name("torch-model-archiver")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / manifest["model"]["serializedFile"]
+        with zipfile.ZipFile(source_mar) as source:
+            weights.write_bytes(source.read(manifest["model"]["serializedFile"]))
+        config_file = Path(tmp) / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(live_model_config(), sort_keys=False))
+        out = Path(tmp) / "out"
+        out.mkdir()
+        subprocess.run(
+            [str(archiver), "--model-name", model_name,
+             "--version", manifest["model"]["modelVersion"],
+             "--model-file", str(MODEL_FILE), "--serialized-file", str(weights),
+             "--handler", str(LIVE_HANDLER_FILE),
+             "--extra-files", ",".join(str(path) for path in LIVE_EXTRA_FILES),
+             "--config-file", str(config_file), "--export-path", str(out), "--force"],
+            check=True, capture_output=True, text=True,
+        )
+        target = model_store / f"{archive_name}.mar"
+        shutil.move(out / f"{model_name}.mar", target)
+    return target
+
+
+def require_live(source_mar: Path = ARCHIVE_PATH, model_store: Path = MODEL_STORE) -> Path:
+    """The live-drawing archive, built from ``source_mar`` when missing or older than it."""
+    source = require(source_mar)
+    target = Path(model_store) / f"{LIVE_ARCHIVE_NAME}.mar"
+    if not target.is_file() or target.stat().st_mtime < source.stat().st_mtime:
+        build_live_archive(source, model_store)
+    return target

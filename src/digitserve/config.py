@@ -63,6 +63,34 @@ RUN_DIR = Path(
     )
 )
 
-# -- H2 (issue 12/15): one deadline for the server's own readiness and health probes ----------
+# -- The server's own readiness and health probes ---------------------------------------------
 #: Deadline of each readiness (DescribeModel) and health (Ping) probe of ``digitserve.server``.
 PROBE_DEADLINE_S = 5.0
+
+# -- The live-drawing model (notebook 07): a stateful twin of digitmodel ----------------------
+#: Served beside digitmodel with TorchServe's sequence batching: it keeps one canvas per
+#: sequence id and answers after every pen stroke sent over StreamPredictions2.
+LIVE_MODEL_NAME = "digitlive"
+LIVE_ARCHIVE_NAME = "digit-live"
+LIVE_ARCHIVE_PATH = MODEL_STORE / f"{LIVE_ARCHIVE_NAME}.mar"
+#: TorchServe's frontend polls the sequences with batchSize + 1 threads, one of them always
+#: waiting for new sequences: at most batchSize sequences move at once. A sequence holds its
+#: thread until its next request comes or it has been idle for sequenceMaxIdleMSec; a sequence
+#: beyond batchSize waits for a thread that long (here: 1 s for the second drawing with a
+#: batch size of 1). A batch size of 4 lets four drawings move together; a lone stroke then
+#: waits up to the batch delay for company, so the delay is short.
+LIVE_BATCH_SIZE = 4
+LIVE_MAX_BATCH_DELAY_MS = 2
+#: How long (ms) the frontend waits for a sequence's next request before it lets the sequence's
+#: slot go. The handler's canvas outlives it: the next stroke with the same sequence id opens a
+#: new slot and finds its canvas.
+LIVE_SEQUENCE_MAX_IDLE_MS = 1000
+#: Sequences the frontend tracks at once (more are refused), and strokes queued per sequence.
+LIVE_MAX_SEQUENCES = 32
+LIVE_MAX_QUEUED_STROKES = 16
+#: Canvases the handler keeps (the least recently used goes first), and for how long one may
+#: sit unused before it is dropped.
+LIVE_MAX_CANVASES = 64
+LIVE_CANVAS_IDLE_S = 1800
+#: Deadline of one StreamPredictions2 call: a drawing session, person-paced.
+LIVE_SESSION_DEADLINE_S = 1800.0
