@@ -17,7 +17,7 @@ import papermill
 import pytest
 from conftest import assert_no_server_left, isolate_kit
 
-from digitserve import notebooks
+from digitserve import archive, config, notebooks, train
 from digitserve.config import ARCHIVE_NAME
 from digitserve.train import QUICK_SETTINGS
 
@@ -60,12 +60,28 @@ def test_notebook_is_committed_clean(path: Path) -> None:
 
 # -- running them -------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def isolated_kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def isolated_kit(mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Point every artifact and port of the kit elsewhere; return the temporary build folder."""
     root = tmp_path_factory.mktemp("kit")
     patch = isolate_kit(root, root / "model_store", PORT_OFFSETS)
     yield root / "build"
     patch.undo()
+
+
+def provide_inputs(name: str, build: Path) -> None:
+    """Make, with the package at the quick setting, what the lessons before ``name`` make,
+    when they have not run: so that one lesson's test runs alone (``make test-notebooks K=04``).
+
+    In a whole run the earlier notebooks have made them, and nothing is done here.
+    """
+    index = notebooks.NOTEBOOKS.index(name)
+    weights = build / "artifacts" / config.WEIGHTS_PATH.name
+    if index > 0 and not weights.is_file():
+        train.train(QUICK_SETTINGS, weights_path=weights,
+                    metrics_path=weights.with_name(config.TRAIN_METRICS_PATH.name))
+    store = Path(os.environ["DIGITSERVE_MODEL_STORE"])
+    if index > 1 and not (store / config.ARCHIVE_PATH.name).is_file():
+        archive.build_archive(weights, model_store=store)
 
 
 def check_01_train(metrics: dict) -> None:
@@ -137,6 +153,29 @@ def check_06_grpc_api(metrics: dict) -> None:
     assert_no_server_left()
 
 
+def check_07_streaming_and_oip(metrics: dict) -> None:
+    """Streaming answered, the live drawing answered every stroke as REST answered the whole
+    canvas, with fewer bytes; the Open Inference Protocol answered under TorchServe's own name.
+
+    No timing is asserted: the times per update are recorded, whichever API was faster.
+    """
+    assert metrics["stream_stages"][-1] == "final" and metrics["stream_final_equals_unary"]
+    assert "sequenceId is required" in metrics["no_sequence_id"]
+    live = metrics["live_drawing"]
+    assert live["strokes"] >= 5 and len(live["answers"]) == live["strokes"]
+    assert all(answer["same_as_rest"] for answer in live["answers"]), live["answers"]
+    assert metrics["live_connections"] == {"grpc": 1, "rest": 1}
+    assert live["bytes_grpc"] < live["bytes_rest"]
+    assert all(stroke < png for stroke, png in zip(metrics["live_stroke_bytes"],
+                                                   metrics["live_png_bytes"], strict=True))
+    assert live["ms_per_update_grpc"] > 0 and live["ms_per_update_rest"] > 0
+    assert metrics["oip_same_as_grpc"] is True
+    assert metrics["oip_metadata"]["name"] == "digitmodel"
+    assert metrics["standard_oip_name"] == "UNIMPLEMENTED"
+    assert metrics["stopped"] is True
+    assert_no_server_left()
+
+
 def check_08_why_grpc(metrics: dict) -> None:
     """why_grpc.json holds every situation with its verdict, every file was written, every
     measured call answered right; the live drawing is there once its model is in the kit.
@@ -172,29 +211,6 @@ def check_08_why_grpc(metrics: dict) -> None:
     assert_no_server_left()
 
 
-def check_07_streaming_and_oip(metrics: dict) -> None:
-    """Streaming answered, the live drawing answered every stroke as REST answered the whole
-    canvas, with fewer bytes; the Open Inference Protocol answered under TorchServe's own name.
-
-    No timing is asserted: the times per update are recorded, whichever API was faster.
-    """
-    assert metrics["stream_stages"][-1] == "final" and metrics["stream_final_equals_unary"]
-    assert "sequenceId is required" in metrics["no_sequence_id"]
-    live = metrics["live_drawing"]
-    assert live["strokes"] >= 5 and len(live["answers"]) == live["strokes"]
-    assert all(answer["same_as_rest"] for answer in live["answers"]), live["answers"]
-    assert metrics["live_connections"] == {"grpc": 1, "rest": 1}
-    assert live["bytes_grpc"] < live["bytes_rest"]
-    assert all(stroke < png for stroke, png in zip(metrics["live_stroke_bytes"],
-                                                   metrics["live_png_bytes"], strict=True))
-    assert live["ms_per_update_grpc"] > 0 and live["ms_per_update_rest"] > 0
-    assert metrics["oip_same_as_grpc"] is True
-    assert metrics["oip_metadata"]["name"] == "digitmodel"
-    assert metrics["standard_oip_name"] == "UNIMPLEMENTED"
-    assert metrics["stopped"] is True
-    assert_no_server_left()
-
-
 CHECKS = {
     "01_train": check_01_train,
     "02_archive": check_02_archive,
@@ -202,6 +218,7 @@ CHECKS = {
     "04_grpc_client": check_04_grpc_client,
     "05_robust_serving": check_05_robust_serving,
     "06_grpc_api": check_06_grpc_api,
+    "07_streaming_and_oip": check_07_streaming_and_oip,
     "08_why_grpc": check_08_why_grpc,
 }
 #: The first notebook whose run failed: the ones after it are skipped, not failed again.
@@ -216,6 +233,7 @@ def test_notebook_runs_quick(name: str, isolated_kit: Path) -> None:
     if _failed:
         pytest.skip(f"{_failed[0]} failed, and {name} needs what it makes")
     _failed.append(name)
+    provide_inputs(name, isolated_kit)
     started = time.time()
     executed = notebooks.run_notebook(name, quick=True, out_dir=isolated_kit / "notebooks",
                                       timeout_s=CELL_TIMEOUT_S)
@@ -241,6 +259,8 @@ def test_notebook_runs_quick(name: str, isolated_kit: Path) -> None:
     ("04_grpc_client.ipynb", "02_archive.ipynb"),
     ("05_robust_serving.ipynb", "02_archive.ipynb"),
     ("06_grpc_api.ipynb", "02_archive.ipynb"),
+    ("07_streaming_and_oip.ipynb", "02_archive.ipynb"),
+    ("08_why_grpc.ipynb", "02_archive.ipynb"),
 ])
 def test_notebook_names_what_to_run_first(
     name: str, first: str, isolated_kit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

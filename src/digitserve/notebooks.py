@@ -28,6 +28,7 @@ NOTEBOOKS = (
     "04_grpc_client.ipynb",
     "05_robust_serving.ipynb",
     "06_grpc_api.ipynb",
+    "07_streaming_and_oip.ipynb",
     "08_why_grpc.ipynb",
 )
 #: Workshop notebooks, run after the lessons (they need the archive notebook 02 makes):
