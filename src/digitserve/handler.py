@@ -28,7 +28,8 @@ Open Inference Protocol (KServe v2): with ``ts_open_inference_protocol=true`` To
 answers ``GRPCInferenceService/ModelInfer`` on the inference port and hands the handler
 ``{"body": {"id", "model_name", "inputs": [{"name", "shape", "datatype", "data"}]}}`` (BYTES
 contents arrive base64-encoded, numbers as flat lists). Such a request holds one image: one BYTES
-element (image bytes or JSON pixel text), or a pixel tensor of shape (28, 28) or (1, 28, 28).
+element (image bytes or JSON pixel text), or a pixel tensor of shape (28, 28), (1, 28, 28) or
+(1, 1, 28, 28).
 Its answer is a KServe v2 response, ``{"id", "model_name", "model_version", "outputs"}``, with
 the outputs ``digit`` (INT64 [1]), ``probability`` (FP32 [1]) and ``probabilities`` (FP32 [10]).
 
@@ -73,8 +74,9 @@ MAX_INPUT_KEYS = 8
 MAX_KEY_CHARS = 64
 #: Open Inference Protocol datatypes a pixel tensor may have (BYTES carries an encoded image).
 OIP_PIXEL_TYPES = ("UINT8", "UINT16", "UINT32", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
-#: The most dimensions an OIP pixel tensor may have: [28, 28] or [1, 28, 28].
-OIP_MAX_DIMS = 3
+#: The most dimensions an OIP pixel tensor may have: [28, 28], [1, 28, 28] or, as a torch
+#: client sends one grey image (N, C, H, W), [1, 1, 28, 28].
+OIP_MAX_DIMS = 4
 
 
 class DigitHandler(BaseHandler):
@@ -144,7 +146,8 @@ class DigitHandler(BaseHandler):
             "output": {"digit": "0-9, the argmax", "probability": "of that digit",
                        "probabilities": "softmax over the ten digits"},
             "open_inference_protocol": {
-                "input": "one BYTES element (an image), or a pixel tensor [28, 28] / [1, 28, 28]",
+                "input": "one BYTES element (an image), or a pixel tensor [28, 28], "
+                         "[1, 28, 28] or [1, 1, 28, 28]",
                 "outputs": {"digit": "INT64 [1]", "probability": "FP32 [1]",
                             "probabilities": "FP32 [10]"},
             },
@@ -272,8 +275,8 @@ def oip_payload(body: dict) -> object:
 
 def oip_image_shape(shape: object, n_values: int) -> tuple[int, int]:
     """(height, width) of an OIP pixel tensor, from its shape, or ``InvalidInput``."""
-    expected = ("expected one image, shape [28, 28] or [1, 28, 28], with as many values as the "
-                "shape says")
+    expected = ("expected one image, shape [28, 28], [1, 28, 28] or [1, 1, 28, 28], with as many "
+                "values as the shape says")
     if (not isinstance(shape, list) or not 2 <= len(shape) <= OIP_MAX_DIMS
             or not all(type(size) is int and 1 <= size <= preprocessing.MAX_IMAGE_PIXELS
                        for size in shape)):
