@@ -539,6 +539,25 @@ STARTER = textwrap.dedent('''
 ''')
 
 
+def test_a_run_directory_too_deep_for_a_unix_socket_still_serves(tmp_path, store,
+                                                                  server_group_recorder):
+    # A worker socket at run_dir/tmp/.ts.sock.9000 would be longer than a Unix socket path
+    # can be (108 bytes): the worker could never start (it did in CI, under pytest's tmp_path).
+    run_dir = tmp_path / ("deep" * 20) / "run"
+    server = start_on_free_ports(ServerSettings(run_dir=run_dir, model_store=store))
+    server_group_recorder(server.process.pid)
+    try:
+        assert runrecord.temp_dir(run_dir).parent == Path("/tmp")
+        with client.DigitClient.for_run_dir(run_dir) as digits:
+            assert digits.ping() == "Healthy"
+            stroke = np.zeros((28, 28), np.uint8)
+            stroke[4:24, 13:16] = 255  # a "1"
+            assert 0 <= digits.predict(synthetic.png(stroke)).digit <= 9
+    finally:
+        server.stop()
+    assert not runrecord.temp_dir(run_dir).exists()
+
+
 def test_a_process_ended_by_sigterm_stops_its_server(tmp_path, store, server_group_recorder):
     starter = subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path / "run"), str(store)],
                                stdout=subprocess.PIPE, text=True)

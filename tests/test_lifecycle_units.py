@@ -331,3 +331,34 @@ def test_the_record_waits_for_the_started_program_s_command_line(tmp_path):
         finally:
             child.kill()
             child.wait()
+
+
+# -- where the worker sockets go --------------------------------------------------------------
+def test_a_short_run_directory_keeps_its_sockets_inside(tmp_path):
+    run_dir = tmp_path / "run"
+    assert runrecord.temp_dir(run_dir) == run_dir / "tmp"
+
+
+def test_a_deep_run_directory_gets_a_short_private_temp_folder(tmp_path):
+    run_dir = tmp_path / ("d" * 90) / "run"
+    folder = runrecord.temp_dir(run_dir)
+    assert folder.parent == Path("/tmp") and run_dir not in folder.parents
+    assert len(f"{folder}/.ts.sock.65535") <= runrecord.UNIX_SOCKET_PATH_MAX
+    assert runrecord.temp_dir(run_dir) == folder  # the same for every process
+    made = runrecord.make_temp_dir(run_dir)
+    try:
+        assert made == folder and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    finally:
+        runrecord.remove(run_dir)
+    assert not folder.exists()
+
+
+def test_a_short_temp_folder_someone_else_made_is_refused(tmp_path):
+    run_dir = tmp_path / ("e" * 90) / "run"
+    folder = runrecord.temp_dir(run_dir)
+    folder.symlink_to(tmp_path)
+    try:
+        with pytest.raises(runrecord.RunRecordError, match="not a folder of yours"):
+            runrecord.make_temp_dir(run_dir)
+    finally:
+        folder.unlink()

@@ -11,6 +11,7 @@ TorchServe the record describes: same creation time and command line, same user.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -144,7 +145,50 @@ def read(run_dir: Path) -> RunRecord | None:
 
 
 def remove(run_dir: Path) -> None:
+    """Remove the record, and the short temp folder the server used if it had one."""
     path(run_dir).unlink(missing_ok=True)
+    short = _short_temp_dir(run_dir)
+    if short.is_dir() and not short.is_symlink() and short.stat().st_uid == os.getuid():
+        shutil.rmtree(short, ignore_errors=True)
+
+
+# -- where TorchServe's worker sockets go -----------------------------------------------------
+#: The longest path a Unix socket can bind (``sun_path`` holds 108 bytes, the last a NUL).
+UNIX_SOCKET_PATH_MAX = 107
+#: The longest name TorchServe gives a worker socket inside its temp folder (``.ts.sock.9000``,
+#: one port per worker from 9000 up).
+_SOCKET_NAME = "/.ts.sock.65535"
+
+
+def temp_dir(run_dir: Path) -> Path:
+    """The temp folder for one server's TorchServe (``$TEMP``: its worker sockets and unpacked
+    archives): ``run_dir/tmp``, unless the worker sockets' paths would be too long to bind
+    there (a deep run directory); then a private folder with a short name under the system's
+    temp folder, removed with the record. Without a folder of its own, every server on the
+    host would share ``/tmp/.ts.sock.9000``."""
+    inside = Path(run_dir).absolute() / "tmp"
+    if len(os.fsencode(f"{inside}{_SOCKET_NAME}")) <= UNIX_SOCKET_PATH_MAX:
+        return inside
+    return _short_temp_dir(run_dir)
+
+
+def _short_temp_dir(run_dir: Path) -> Path:
+    # Named after the run directory, so that `serve stop` from another process finds it.
+    digest = hashlib.sha256(os.fsencode(Path(run_dir).absolute())).hexdigest()[:16]
+    return Path("/tmp") / f"digitserve-{os.getuid()}-{digest}"
+
+
+def make_temp_dir(run_dir: Path) -> Path:
+    """Create ``temp_dir(run_dir)`` readable by this user alone; refuse a short folder that
+    someone else made (a name under ``/tmp`` can be taken first by another user)."""
+    folder = temp_dir(run_dir)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.lstat()
+    if folder.is_symlink() or info.st_uid != os.getuid():
+        raise RunRecordError(f"{folder} exists and is not a folder of yours: remove it, or "
+                             "use a run directory with a shorter path")
+    os.chmod(folder, 0o700)
+    return folder
 
 
 def owned_process(record: RunRecord) -> tuple[psutil.Process | None, str]:

@@ -219,6 +219,10 @@ class TorchServe:
         for path in (self.run_dir, self.run_dir / "tmp", self.run_dir / "workflows"):
             path.mkdir(parents=True, exist_ok=True)
             os.chmod(path, 0o700)
+        try:
+            runrecord.make_temp_dir(self.run_dir)
+        except runrecord.RunRecordError as err:
+            raise ServerError(str(err)) from None
         runrecord.link_archives(self.settings.model_store, self.run_dir)
         self.key_file.unlink(missing_ok=True)
         self._log_offsets = [p.stat().st_size if p.is_file() else 0 for p in self._log_paths()]
@@ -300,9 +304,8 @@ class TorchServe:
             env["PATH"] = f"{Path(java.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # A private TMPDIR gives this server its own pid file, so several can run side by side.
         env["TMPDIR"] = str(self.run_dir / "tmp")
-        # TorchServe puts its worker sockets in Java's temp dir, which it takes from $TEMP:
-        # without this, every server on the host would share /tmp/.ts.sock.9000.
-        env["TEMP"] = str(self.run_dir / "tmp")
+        # TorchServe puts its worker sockets in Java's temp dir, which it takes from $TEMP.
+        env["TEMP"] = str(runrecord.temp_dir(self.run_dir))
         env["OMP_NUM_THREADS"] = str(self.settings.torch_threads)
         env["MKL_NUM_THREADS"] = str(self.settings.torch_threads)
         env["PYTHONUNBUFFERED"] = "1"
@@ -411,6 +414,9 @@ def diagnose_log(text: str) -> str | None:
     died"), so waiting longer never helps; a port taken between the check and the bind ends
     TorchServe.
     """
+    if "AF_UNIX path too long" in text:
+        return ("TorchServe's worker cannot open its socket: the path of its temp folder is too "
+                "long for a Unix socket. Use a run directory with a shorter path.")
     missing = re.search(r"No module named '([^']+)'", text)
     if missing:
         return (
