@@ -63,7 +63,8 @@ def request_path(ports: Ports = DEFAULT_PORTS, batch_size: int = 1, max_batch_de
                 "(a larger batch_size groups callers)")
     _step(ax, frontend, 2, "3  batch", batching)
     worker = _box(ax, 89, 4, 42, 42, "python", "TorchServe worker (Python process)",
-                  "unpacked .mar: model.py, digitcnn.pt,\nhandler.py, preprocessing.py")
+                  "the .mar as the frontend unpacked it:\nmodel.py, digitcnn.pt, handler.py, "
+                  "preprocessing.py")
     _step(ax, worker, 0, "handler: preprocess", "bytes → 28×28 digit → 3×96×96 tensor")
     _step(ax, worker, 1, "model: DigitCNN", "one forward pass for the whole batch → logits")
     _step(ax, worker, 2, "handler: softmax", 'JSON {"digit", "probability",\n"probabilities"}')
@@ -188,6 +189,9 @@ def batching_timeline(batch_size: int = 8, max_batch_delay_ms: float = 10.0,
         color = palette[number % len(palette)]
         for index in batch.requests:
             ax.plot(arrivals[index], lanes["requests"], "v", color=color, markersize=10)
+            if arrivals[index] < batch.opened_ms:  # it queued while the worker was busy
+                ax.plot([arrivals[index], batch.opened_ms], [lanes["requests"] - 0.12] * 2,
+                        ":", color=color, linewidth=1.5)
         ax.barh(lanes["frontend"], batch.dispatched_ms - batch.opened_ms, left=batch.opened_ms,
                 height=0.45, color=color, alpha=0.25, edgecolor=color)
         ax.axvline(batch.dispatched_ms, ymin=0.12, ymax=0.72, color=color, linestyle=":")
@@ -200,6 +204,13 @@ def batching_timeline(batch_size: int = 8, max_batch_delay_ms: float = 10.0,
         ax.text((batch.dispatched_ms + batch.done_ms) / 2, lanes["worker"],
                 f"{len(batch.requests)}", ha="center", va="center", color="white",
                 fontsize=9, fontweight="bold")
+    alone = [batch for batch in batches if len(batch.requests) == 1 and not batch.full]
+    if alone and batch_size > 1:
+        ax.annotate("alone: it waits the whole window", (alone[-1].opened_ms, lanes["requests"]),
+                    xytext=(0, 22), textcoords="offset points", ha="center", fontsize=8.5,
+                    arrowprops={"arrowstyle": "-", "color": "#777777"})
+    ax.text(-1.5, 3.75, "▼ a request arrives; dotted: it waits in the queue for a free worker; "
+            "one colour per batch", ha="left", va="center", fontsize=8.5, color="#555555")
     ax.set_yticks(list(lanes.values()),
                   ["requests arrive\n(any callers)",
                    f"frontend (Java): batch window\n≤ {max_batch_delay_ms:g} ms, ≤ {batch_size} "
