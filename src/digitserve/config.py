@@ -62,3 +62,7 @@ RUN_DIR = Path(
         Path.home() / ".cache" / "digitserve" / f"run-{DEFAULT_PORTS.grpc_inference}",
     )
 )
+
+# -- added for issue 15 (H5): the second version's weights, trained in notebook 01 ---------------
+#: Version 2.0 of the model (augmented training, another seed), which notebook 06 serves.
+WEIGHTS_V2_PATH = ARTIFACTS_DIR / "digitcnn-v2.pt"
