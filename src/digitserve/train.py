@@ -40,6 +40,8 @@ class TrainSettings:
     batchnorm_images: int = 4096
     #: Small random rotations, shifts and zooms of each training digit.
     augment: bool = True
+    #: How strong they are: 1 is up to ±10°, ±8 % shift and ±10 % zoom (``augment``'s defaults).
+    augment_strength: float = 1.0
     #: Train on only the first N training images (None: all 60,000); the quick setting uses this.
     train_limit: int | None = None
     #: Measure the 10,000 test images after every epoch (False: after the last one only).
@@ -93,13 +95,16 @@ def recalibrate_batchnorm(model: nn.Module, digits: torch.Tensor, device: torch.
 
 
 def augment(digits: torch.Tensor, degrees: float = 10, shift: float = 0.08, zoom: float = 0.1,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, strength: float = 1.0) -> torch.Tensor:
     """Give each uint8 digit (N, 28, 28) its own small rotation, shift and zoom.
+
+    ``strength`` scales all three ranges.
 
     ``v2.RandomAffine`` draws one transform per call, so a batch would need a Python loop of
     one call per digit (slow on a small CPU); one ``affine_grid``/``grid_sample`` does them all.
     """
     n = len(digits)
+    degrees, shift, zoom = degrees * strength, shift * strength, zoom * strength
     angle = torch.deg2rad((torch.rand(n, generator=generator) * 2 - 1) * degrees)
     scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * zoom
     # Grid coordinates span 2 per image side.
@@ -177,7 +182,7 @@ def train(
         for step, batch in enumerate(bar, start=1):
             digits = train_x[batch]
             if settings.augment:
-                digits = augment(digits, generator=generator)
+                digits = augment(digits, generator=generator, strength=settings.augment_strength)
             inputs = to_model_input(digits).to(device, memory_format=torch.channels_last)
             labels = train_y[batch].to(device)
             logits = model(inputs)
