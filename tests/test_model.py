@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import io
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -72,3 +73,42 @@ def test_trains_on_a_batch():
     logits = trainable(torch.randn(4, 3, 96, 96))
     nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
     assert trainable.classifier[-1].weight.grad is not None
+
+
+def test_label_smoothing_floor_and_ceiling_match_torchs_loss():
+    """``target_ceiling`` is what cross-entropy with label smoothing really allows."""
+    from digitserve import train
+
+    ceiling = train.target_ceiling(0.1)
+    assert ceiling["true_class_probability"] == pytest.approx(0.91)
+    assert ceiling["other_class_probability"] == pytest.approx(0.01)
+    target = torch.full((1, 10), ceiling["other_class_probability"])
+    target[0, 3] = ceiling["true_class_probability"]
+
+    def loss(probabilities: torch.Tensor) -> float:
+        return nn.functional.cross_entropy(probabilities.log(), torch.tensor([3]),
+                                           label_smoothing=0.1).item()
+
+    assert loss(target) == pytest.approx(ceiling["lowest_loss"], abs=1e-5)
+    surer = torch.full((1, 10), 0.001)
+    surer[0, 3] = 0.991
+    assert loss(surer) > loss(target) + 0.1  # more confident than the target costs loss
+    assert train.target_ceiling(0.0)["lowest_loss"] == 0.0
+
+
+def test_the_shipped_lever_measurements_cover_every_lever_and_render():
+    """notebook 01 shows ``training_levers.json``: every lever measured, the chosen setting run."""
+    from digitserve import levers, train
+
+    record = levers.load()
+    assert {row["lever"] for row in record["step_costs"]} == set(levers.STEP_LEVERS)
+    baseline = next(row for row in record["step_costs"] if row["lever"].startswith("baseline"))
+    assert baseline["cpu_ratio"] == 1.0
+    chosen = [run for run in record["full_runs"] if run.get("chosen")]
+    assert len({run["seed"] for run in chosen}) >= 2, "the chosen setting needs several seeds"
+    for run in chosen:  # measured with exactly what train.FULL does now
+        assert run["settings"] == {**asdict(train.FULL), "seed": run["seed"],
+                                   "threads": run["settings"]["threads"]}
+    for table in (levers.step_cost_table(record), levers.full_run_table(record),
+                  levers.summary(record)):
+        assert "|" in table.data or "**" in table.data

@@ -19,11 +19,12 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+import torch
 from conftest import assert_no_server_left, isolate_kit
 from matplotlib.figure import Figure
 from PIL import Image
 
-from digitserve import diagram, draw, notebooks, preprocessing, report
+from digitserve import diagram, draw, exercises, notebooks, preprocessing, progress, report
 from digitserve.client import Prediction
 from digitserve.config import Ports
 
@@ -96,6 +97,71 @@ def test_request_path_diagram_renders(tmp_path: Path) -> None:
         assert png.width > 1000 and png.height > 400
         # Not blank: the boxes are coloured.
         assert len(np.unique(np.asarray(png.convert("RGB")).reshape(-1, 3), axis=0)) > 50
+
+
+@pytest.mark.unit
+def test_batching_follows_torchserves_rule() -> None:
+    """Full batches leave at once; others when the window closes; queued requests join at once."""
+    batches = diagram.simulate_batching([0, 1, 2, 3, 20, 50, 51], batch_size=4,
+                                        max_batch_delay_ms=10, forward_ms=5, per_request_ms=0)
+    assert [b.requests for b in batches] == [(0, 1, 2, 3), (4,), (5, 6)]
+    assert [b.full for b in batches] == [True, False, False]
+    assert batches[0].dispatched_ms == 3  # full when the 4th arrived, before the window closed
+    assert batches[1].dispatched_ms == 30  # alone: it waited the whole window
+    assert batches[2].opened_ms == 50 and batches[2].dispatched_ms == 60
+    # Requests that queued while the worker was busy join the next batch at once.
+    busy = diagram.simulate_batching([0, 1, 2], batch_size=2, max_batch_delay_ms=10,
+                                     forward_ms=30, per_request_ms=0)
+    assert busy[1].opened_ms == busy[0].done_ms and busy[1].requests == (2,)
+    unbatched = diagram.simulate_batching([0, 1], batch_size=1, max_batch_delay_ms=10)
+    assert [b.dispatched_ms for b in unbatched] == [0, unbatched[0].done_ms]
+
+
+@pytest.mark.unit
+def test_lesson_pictures_render(tmp_path: Path) -> None:
+    figures = {
+        "batching": diagram.batching_timeline(batch_size=8, max_batch_delay_ms=10),
+        "default": diagram.default_pointer([("1.0", "a.mar"), ("2.0", "b.mar")], "1.0", "2.0"),
+        "workers": diagram.workers_on_cores(save_to=tmp_path / "workers.png"),
+    }
+    texts = {name: " ".join(t.get_text() for ax in fig.axes for t in ax.texts + [ax.title])
+             for name, fig in figures.items()}
+    assert "dispatch 8" in texts["batching"] and "delay over" in texts["batching"]
+    assert texts["default"].count("← default") == 2 and "SetDefault('2.0')" in texts["default"]
+    assert "worker 2" in texts["workers"] and (tmp_path / "workers.png").stat().st_size > 10_000
+
+
+@pytest.mark.unit
+def test_headless_is_read_from_the_environment_at_each_call(monkeypatch) -> None:
+    monkeypatch.setenv("DIGITSERVE_HEADLESS", "1")
+    assert progress.headless()
+    monkeypatch.delenv("DIGITSERVE_HEADLESS")
+    assert not progress.headless()
+
+
+@pytest.mark.unit
+def test_exercise_checks_say_what_is_not_done(capsys) -> None:
+    checks = exercises.Checks(FakeClient(), images=None, labels=None)
+    assert checks.drawing(None, 2) is None and checks.description(None) is None
+    checks.bad({})
+    checks.confusions(None, None)
+    checks.batching({}, images=10)
+    printed = capsys.readouterr().out
+    assert [f"Exercise {n} is not done yet" in printed for n in range(1, 6)] == [True] * 5
+    assert checks.results()["most_confused"] is None and checks.results()["throughput"] == {}
+
+
+@pytest.mark.unit
+def test_exercise_4_check_finds_the_pair_really_mixed_up(capsys) -> None:
+    """A wrong answer to exercise 4 is told so, with the right pair."""
+    labels = torch.tensor([1, 7, 7, 4, 9, 3])
+    served = [Prediction(digit, 0.9, [0.01] * 10, "1.0") for digit in (1, 1, 1, 9, 4, 3)]
+    checks = exercises.Checks(FakeClient(), torch.zeros(6, 28, 28, dtype=torch.uint8), labels)
+    checks.confusions(served, (4, 9, 2))
+    assert "Check again" not in capsys.readouterr().out
+    checks.confusions(served, (4, 9, 1))
+    assert "Check again: the pair mixed up most is 1 and 7, 2 times" in capsys.readouterr().out
+    assert checks.results()["confusion"][7][1] == 2 and checks.served_accuracy == 2 / 6
 
 
 @pytest.mark.unit
@@ -279,13 +345,21 @@ def test_exercises_run_as_handed_out(workshop_kit: Path) -> None:
 def test_solutions_solve_every_exercise(workshop_kit: Path) -> None:
     metrics = run_quick("solutions.ipynb", workshop_kit)
     drawn = metrics["drawn"]
-    assert drawn["intended"] == 2 and 0 <= drawn["predicted"] <= 9 and drawn["probability"] > 0
+    # The answer shown is the likeliest digit of the ten probabilities the server sent.
+    probabilities = drawn["probabilities"]
+    assert drawn["intended"] == 2 and abs(sum(probabilities) - 1) < 1e-3
+    assert drawn["predicted"] == probabilities.index(max(probabilities))
+    assert drawn["probability"] == max(probabilities)
     assert "image" in json.dumps(metrics["handler_description"]["input"])
     codes = [row["code"] for row in metrics["bad_requests"]]
     assert codes == ["INVALID_ARGUMENT", "INVALID_ARGUMENT", "(not sent)"], metrics["bad_requests"]
     assert all(row["message"] for row in metrics["bad_requests"])
+    # The solution names the pair the served answers really mix up most, with its count.
     first, second, count = metrics["most_confused"]
-    assert 0 <= first < second <= 9 and count >= 0
+    mistakes = np.array(metrics["confusion"])
+    pairs = mistakes + mistakes.T
+    assert count == pairs.max(), (metrics["most_confused"], metrics["confusion"])
+    assert count == 0 or (first < second and pairs[first, second] == count)
     assert metrics["failed_calls"] == 0 and metrics["served_accuracy"] >= 0.8
     assert set(metrics["throughput"]) == {"1", "8"} and min(metrics["throughput"].values()) > 0
     assert metrics["n_images"] == 200

@@ -7,6 +7,7 @@ The .mar is a zip: ``MAR-INF/MANIFEST.json`` (model name, version, handler), the
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from digitserve.config import (
     MODEL_NAME,
     MODEL_STORE,
     MODEL_VERSION,
+    PROJECT_ROOT,
     WEIGHTS_PATH,
 )
 
@@ -36,6 +38,45 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_FILE = PACKAGE_DIR / "model.py"
 HANDLER_FILE = PACKAGE_DIR / "handler.py"
 EXTRA_FILES = (PACKAGE_DIR / "preprocessing.py",)
+
+
+def archiver_command(
+    weights: Path = WEIGHTS_PATH,
+    version: str = MODEL_VERSION,
+    export_path: Path = MODEL_STORE,
+    model_name: str = MODEL_NAME,
+    archiver: str = "torch-model-archiver",
+) -> list[str]:
+    """The ``torch-model-archiver`` command line that builds ``<export_path>/<model_name>.mar``.
+
+    ``build_archive`` runs exactly this; notebook 02 prints it for a learner to type.
+    """
+    return [archiver, "--model-name", model_name, "--version", version,
+            "--model-file", str(MODEL_FILE), "--serialized-file", str(weights),
+            "--handler", str(HANDLER_FILE),
+            "--extra-files", ",".join(str(path) for path in EXTRA_FILES),
+            "--export-path", str(export_path), "--force"]
+
+
+def archiver_shell(weights: Path = WEIGHTS_PATH, version: str = MODEL_VERSION,
+                   model_store: Path = MODEL_STORE, archive_name: str = ARCHIVE_NAME,
+                   model_name: str = MODEL_NAME, cwd: Path = PROJECT_ROOT) -> str:
+    """``archiver_command`` as a learner would type it in a shell from ``cwd``, then the rename
+    ``build_archive`` does (the archiver names its output after ``--model-name``)."""
+    def short(arg: str) -> str:
+        parts = [Path(part) for part in arg.split(",")]
+        if all(part.is_absolute() and part.is_relative_to(cwd) for part in parts):
+            return ",".join(str(part.relative_to(cwd)) for part in parts)
+        return arg
+
+    args = [shlex.quote(short(arg)) for arg in archiver_command(weights, version, model_store,
+                                                                 model_name)]
+    lines = [" ".join(args[:5])] + [" ".join(args[i:i + 2]) for i in range(5, len(args) - 1, 2)]
+    lines.append(args[-1])
+    built = short(str(model_store / f"{model_name}.mar"))
+    wanted = short(str(model_store / f"{archive_name}.mar"))
+    rename = f"\nmv {built} {wanted}" if built != wanted else ""
+    return " \\\n    ".join(lines) + rename
 
 
 def build_archive(
@@ -51,16 +92,10 @@ def build_archive(
             f"no trained weights at {weights}: run `digitserve train` (notebook 01) first."
         )
     model_store.mkdir(parents=True, exist_ok=True)
-    archiver = Path(sys.executable).with_name("torch-model-archiver")
+    archiver = str(Path(sys.executable).with_name("torch-model-archiver"))
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [str(archiver), "--model-name", model_name, "--version", version,
-             "--model-file", str(MODEL_FILE), "--serialized-file", str(weights),
-             "--handler", str(HANDLER_FILE),
-             "--extra-files", ",".join(str(path) for path in EXTRA_FILES),
-             "--export-path", tmp, "--force"],
-            check=True, capture_output=True, text=True,
-        )
+        subprocess.run(archiver_command(weights, version, Path(tmp), model_name, archiver),
+                       check=True, capture_output=True, text=True)
         target = model_store / f"{archive_name}.mar"
         shutil.move(Path(tmp) / f"{model_name}.mar", target)
     return target

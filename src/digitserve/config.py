@@ -63,6 +63,10 @@ RUN_DIR = Path(
     )
 )
 
+# -- The second version's weights, trained in notebook 01 ------------------------------------
+#: Version 2.0 of the model (augmented training, another seed), which notebook 06 serves.
+WEIGHTS_V2_PATH = ARTIFACTS_DIR / "digitcnn-v2.pt"
+
 # -- The server's own readiness and health probes ---------------------------------------------
 #: Deadline of each readiness (DescribeModel) and health (Ping) probe of ``digitserve.server``.
 PROBE_DEADLINE_S = 5.0

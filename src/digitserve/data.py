@@ -84,8 +84,7 @@ def load_normalized(train: bool, root: Path = DATA_DIR) -> tuple[torch.Tensor, t
     Normalising 70,000 digits takes a while on a small CPU, so the result is cached beside the
     raw files, under a name that changes whenever ``preprocessing.py`` does.
     """
-    code = hashlib.sha256(Path(preprocessing.__file__).read_bytes()).hexdigest()[:12]
-    cache = root / "MNIST" / f"normalized-{'train' if train else 'test'}-{code}.pt"
+    cache = normalized_cache(train, root)
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
         return saved["images"], saved["labels"]
@@ -96,6 +95,12 @@ def load_normalized(train: bool, root: Path = DATA_DIR) -> tuple[torch.Tensor, t
     torch.save({"images": normalized, "labels": labels}, partial)
     os.replace(partial, cache)
     return normalized, labels
+
+
+def normalized_cache(train: bool, root: Path = DATA_DIR) -> Path:
+    """Where ``load_normalized`` keeps its result, named after ``preprocessing.py``'s content."""
+    code = hashlib.sha256(Path(preprocessing.__file__).read_bytes()).hexdigest()[:12]
+    return root / "MNIST" / f"normalized-{'train' if train else 'test'}-{code}.pt"
 
 
 def typical_test_digits(per_digit: int, root: Path = DATA_DIR) -> list[int]:

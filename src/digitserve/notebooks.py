@@ -27,7 +27,7 @@ NOTEBOOKS = (
     "03_serve.ipynb",
     "04_grpc_client.ipynb",
     "05_robust_serving.ipynb",
-    "06_grpc_api.ipynb",
+    "06_versions_and_workers.ipynb",
     "07_streaming_and_oip.ipynb",
     "08_why_grpc.ipynb",
 )

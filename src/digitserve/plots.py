@@ -33,14 +33,15 @@ CELL_INCHES = 1.25
 
 
 def sample_digits(
-    images: torch.Tensor, labels: Sequence[int], columns: int = 10, save_to: Path | None = None
+    images: torch.Tensor, labels: Sequence[int], columns: int = 10, title: str = "",
+    save_to: Path | None = None,
 ) -> Figure:
     """A grid of digits with their labels: what the model learns from, as it is stored."""
     fig, axes = _grid(len(images), columns)
     for ax, image, label in zip(axes, images, labels, strict=True):
         _show_digit(ax, image)
         ax.set_title(str(int(label)), fontsize=10)
-    fig.suptitle(f"{len(images)} MNIST digits and their labels")
+    fig.suptitle(title or f"{len(images)} MNIST digits and their labels")
     return save_figure(fig, save_to)
 
 
@@ -102,35 +103,51 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> M
 
 
 def training_curves(metrics: dict, save_to: Path | None = None) -> Figure:
-    """Loss and accuracy per epoch, on the training and the test set, from ``train()``'s metrics.
+    """Loss and accuracy during training (every few batches) and on the test set (per epoch).
 
-    Training loss uses label smoothing and dropout, test loss neither: training loss sits higher
-    without the model overfitting.
+    From ``train()``'s metrics. The training loss is taken against label-smoothed targets and
+    with dropout on, so it cannot reach the test loss: the dashed line is the lowest value label
+    smoothing allows (``train.target_ceiling``).
     """
-    history = metrics["epochs"]
-    epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    curve, history = metrics["curve"], metrics["epochs"]
+    tested = [row for row in history if "test_accuracy" in row]
+    fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, accuracy_ax = fig.subplots(1, 2)
-    for split, style in (("train", "o-"), ("test", "s--")):
-        loss_ax.plot(epochs, [row[f"{split}_loss"] for row in history], style, label=split)
-        accuracy_ax.plot(epochs, [100 * row[f"{split}_accuracy"] for row in history], style,
-                         label=split)
-    loss_ax.set(title="cross-entropy loss", xlabel="epoch", ylabel="loss")
+    steps = [point["epoch"] for point in curve]
+    loss_ax.plot(steps, [point["train_loss"] for point in curve], "-", label="training batches")
+    loss_ax.plot([row["epoch"] for row in tested], [row["test_loss"] for row in tested], "s",
+                 color="tab:orange", markersize=8, label="test set, after the epoch")
+    floor = metrics["target"]["lowest_loss"]
+    smoothing = metrics["settings"]["label_smoothing"]
+    loss_ax.axhline(floor, color="gray", linestyle="--", linewidth=1)
+    loss_ax.text(steps[-1], floor, f"lowest training loss label smoothing {smoothing:g} "
+                 f"allows: {floor:.2f}", ha="right", va="bottom", fontsize=8.5, color="gray")
+    loss_ax.set(title="cross-entropy loss", xlabel="epoch", ylabel="loss", ylim=(0, None))
+    accuracy_ax.plot(steps, [100 * point["train_accuracy"] for point in curve], "-",
+                     label="training batches")
+    accuracy_ax.plot([row["epoch"] for row in tested],
+                     [100 * row["test_accuracy"] for row in tested], "s", color="tab:orange",
+                     markersize=8, label="test set, after the epoch")
     final = 100 * history[-1]["test_accuracy"]
     accuracy_ax.set(title=f"accuracy (test, last epoch: {final:.2f} %)", xlabel="epoch",
-                    ylabel="% correct")
+                    ylabel="% correct", ylim=(max(0.0, min(80.0, final - 10)), 100.5))
     for ax in (loss_ax, accuracy_ax):
-        ax.set_xticks(epochs)
+        ax.set_xlim(0, max(steps[-1], 1) * 1.02)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"Training on {metrics['train_images']:,} images, {len(epochs)} "
-                 f"epoch{'s' if len(epochs) > 1 else ''}, {metrics['wall_time_s']:.0f} s "
+        ax.legend(loc="center right")
+    epochs = len(history)
+    fig.suptitle(f"Training on {metrics['train_images']:,} images, {epochs} "
+                 f"epoch{'s' if epochs > 1 else ''}, {metrics['wall_time_s']:.0f} s "
                  f"on {metrics['device']}")
     return save_figure(fig, save_to)
 
 
-def confusion_matrix(cm: torch.Tensor, save_to: Path | None = None) -> Figure:
-    """Counts of (true, predicted) digits, on a log colour scale so rare mistakes still show."""
+def confusion_matrix(cm: torch.Tensor, title: str = "Confusion matrix",
+                     save_to: Path | None = None) -> Figure:
+    """Counts of (true, predicted) digits, on a log colour scale so rare mistakes still show.
+
+    ``cm`` comes from ``evaluate.confusion_counts``; ``title`` says whose answers they are.
+    """
     counts = cm.numpy()
     fig = Figure(figsize=(6.4, 5.6), layout="constrained")
     ax = fig.subplots()
@@ -144,17 +161,20 @@ def confusion_matrix(cm: torch.Tensor, save_to: Path | None = None) -> Figure:
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit")
     fig.colorbar(shown, ax=ax, shrink=0.8, label="images (log scale)")
     accuracy = np.trace(counts) / counts.sum()
-    ax.set_title(f"Confusion matrix: {counts.sum() - np.trace(counts):,} mistakes in "
-                 f"{counts.sum():,} ({100 * accuracy:.2f} % correct)")
+    ax.set_title(f"{title}{': ' if title else ''}{counts.sum() - np.trace(counts):,} mistakes "
+                 f"in {counts.sum():,} ({100 * accuracy:.2f} % correct)")
     return save_figure(fig, save_to)
 
 
 def misclassified(
     images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor,
-    probabilities: torch.Tensor, max_n: int = 24, columns: int = 8,
+    probabilities: torch.Tensor, max_n: int = 24, columns: int = 8, title: str = "",
     save_to: Path | None = None,
 ) -> Figure:
-    """The mistakes the model is surest of first: they show what it has not learned."""
+    """The mistakes the model is surest of first: they show what it has not learned.
+
+    ``title`` says whose answers they are (e.g. "version 2.0, through gRPC").
+    """
     wrong = torch.nonzero(labels != predicted).flatten()
     confidence = probabilities[wrong, predicted[wrong]]
     shown = wrong[confidence.argsort(descending=True)][:max_n]
@@ -167,7 +187,8 @@ def misclassified(
         ax.set_title(f"true {int(labels[index])} → {int(predicted[index])}\n"
                      f"{100 * probabilities[index, predicted[index]]:.0f} % sure",
                      fontsize=9, color=WRONG_COLOR)
-    fig.suptitle(f"{len(shown)} of {len(wrong):,} misclassified digits, most confident first")
+    fig.suptitle(f"{title}{': ' if title else ''}{len(shown)} of {len(wrong):,} misclassified "
+                 "digits, most confident first")
     return save_figure(fig, save_to)
 
 
