@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -27,7 +26,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from digitserve import preprocessing
+from digitserve import preprocessing, progress
 from digitserve import strokes as pen_strokes
 from digitserve.strokes import CANVAS_PIXELS, PEN_PIXELS
 
@@ -190,7 +189,7 @@ def drawing_pad(client: DigitClient, interactive: bool | None = None, example_di
         The widget to show in JupyterLab, or, head-less, the answer's figure.
     """
     if interactive is None:
-        interactive = os.environ.get("DIGITSERVE_HEADLESS") != "1"
+        interactive = not progress.headless()
     if not interactive:
         print(HEADLESS_MESSAGE)
         png = png_from_strokes(EXAMPLE_STROKES[example_digit])
@@ -257,7 +256,7 @@ def live_drawing_pad(client: DigitClient, interactive: bool | None = None):
     from digitserve.client import ServingError
 
     if interactive is None:
-        interactive = os.environ.get("DIGITSERVE_HEADLESS") != "1"
+        interactive = not progress.headless()
     if not interactive:
         print(LIVE_HEADLESS_MESSAGE)
         drawing = live.scripted_drawing()
