@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 #: Keys a request may carry its image under: gRPC's input map and REST's raw body.
 PAYLOAD_KEYS = ("data", "body")
 #: Open Inference Protocol datatypes a pixel tensor may have (BYTES carries an encoded image).
-OIP_PIXEL_TYPES = ("UINT8", "UINT16", "UINT32", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
+OIP_PIXEL_TYPES = preprocessing.OIP_PIXEL_TYPES
 
 
 class DigitHandler(BaseHandler):
@@ -150,14 +150,8 @@ class DigitHandler(BaseHandler):
         return F.softmax(self.model(inputs).float(), dim=1).cpu()
 
     def answer(self, probabilities: list[float]) -> dict:
-        """The JSON answer for one image: the digit is the argmax, 0–9."""
-        digit = max(range(10), key=probabilities.__getitem__)
-        return {
-            "digit": digit,
-            "probability": round(probabilities[digit], 6),
-            "probabilities": [round(p, 6) for p in probabilities],
-            "model_version": self.version,
-        }
+        """The JSON answer for one image (``preprocessing.answer``: the digit is the argmax)."""
+        return preprocessing.answer(probabilities, self.version)
 
 
 def top_classes(probabilities: list[float], k: int = 3) -> dict:
@@ -218,27 +212,11 @@ def oip_payload(body: dict) -> object:
     tensor = inputs[0]
     datatype, data = tensor.get("datatype"), tensor.get("data") or []
     if datatype == "BYTES":
-        if len(data) != 1:
-            raise preprocessing.InvalidInput(
-                f"the BYTES input holds {len(data)} elements: send one image per request"
-            )
         try:  # TorchServe base64-encodes BYTES contents before they reach the handler
-            return base64.b64decode(data[0], validate=True)
+            data = [base64.b64decode(element, validate=True) for element in data]
         except (binascii.Error, ValueError, TypeError):
             raise preprocessing.InvalidInput("the BYTES input is not base64 image data") from None
-    if datatype not in OIP_PIXEL_TYPES:
-        raise preprocessing.InvalidInput(
-            f"input datatype {datatype!r} is not supported: send BYTES (an image) or a pixel "
-            f"tensor of one of {', '.join(OIP_PIXEL_TYPES)}"
-        )
-    shape = [int(size) for size in tensor.get("shape") or []]
-    rows = [size for size in shape if size != 1] if len(shape) > 2 else shape
-    if len(rows) != 2 or rows[0] * rows[1] != len(data):
-        raise preprocessing.InvalidInput(
-            f"the pixel tensor has shape {shape} and {len(data)} values: expected one image, "
-            "shape [28, 28] or [1, 28, 28], with as many values as the shape says"
-        )
-    return np.asarray(data).reshape(rows).tolist()
+    return preprocessing.payload_from_tensor(datatype, tensor.get("shape") or [], data)
 
 
 def _tensor(name: str, datatype: str, data: list) -> dict:

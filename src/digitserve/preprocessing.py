@@ -9,6 +9,10 @@ Two stages:
    too, so the model sees at training time exactly what it sees when served.
 2. ``to_model_input`` turns 28×28 digits into the normalised 3×96×96 tensors DigitCNN expects.
 
+And its two ends on the wire, which every server of the kit shares (TorchServe's handler, KServe,
+Ray Serve): ``payload_from_tensor`` reads one Open Inference Protocol input tensor, ``answer``
+makes the JSON answer from the model's probabilities.
+
 This file is archived into the .mar beside the handler, so it imports nothing from the package.
 """
 
@@ -228,3 +232,46 @@ def _pixels_from_list(rows: list) -> np.ndarray:
     if pixels.max() <= 1.0:
         pixels = pixels * 255.0
     return pixels
+
+
+#: Open Inference Protocol datatypes a pixel tensor may have (BYTES carries an encoded image).
+OIP_PIXEL_TYPES = ("UINT8", "UINT16", "UINT32", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
+
+
+def payload_from_tensor(datatype: str, shape: list[int], data: list) -> bytes | list:
+    """The image of one Open Inference Protocol input tensor, for ``digit_from_payload``.
+
+    BYTES: exactly one element, the image bytes (decoded from base64 by the caller where the
+    server sends them so). A pixel tensor: shape (28, 28) or (1, 28, 28) (any H×W), flat values.
+    """
+    if datatype == "BYTES":
+        if len(data) != 1:
+            raise InvalidInput(
+                f"the BYTES input holds {len(data)} elements: send one image per request"
+            )
+        element = data[0]
+        return element.encode("utf-8") if isinstance(element, str) else bytes(element)
+    if datatype not in OIP_PIXEL_TYPES:
+        raise InvalidInput(
+            f"input datatype {datatype!r} is not supported: send BYTES (an image) or a pixel "
+            f"tensor of one of {', '.join(OIP_PIXEL_TYPES)}"
+        )
+    shape = [int(size) for size in shape or []]
+    rows = [size for size in shape if size != 1] if len(shape) > 2 else shape
+    if len(rows) != 2 or rows[0] * rows[1] != len(data):
+        raise InvalidInput(
+            f"the pixel tensor has shape {shape} and {len(data)} values: expected one image, "
+            "shape [28, 28] or [1, 28, 28], with as many values as the shape says"
+        )
+    return np.asarray(data).reshape(rows).tolist()
+
+
+def answer(probabilities: list[float], version: str = "") -> dict:
+    """The JSON answer for one image: the digit is the argmax, 0–9 (every server sends this)."""
+    digit = max(range(10), key=probabilities.__getitem__)
+    return {
+        "digit": digit,
+        "probability": round(probabilities[digit], 6),
+        "probabilities": [round(p, 6) for p in probabilities],
+        "model_version": version,
+    }
