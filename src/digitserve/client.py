@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import empty_pb2
 
+from digitserve import retry
 from digitserve.config import (
     HOST,
     MAX_MESSAGE_BYTES,
@@ -42,16 +43,9 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.enable_retries", 1),
-    # Predictions are idempotent: retry them when no worker can take them right now: TorchServe
-    # answers UNAVAILABLE while workers restart and RESOURCE_EXHAUSTED "Worker died." for a
-    # request whose worker was killed under it. (Oversized requests are refused before sending.)
-    ("grpc.service_config", json.dumps({"methodConfig": [{
-        "name": [{"service": "org.pytorch.serve.grpc.inference.InferenceAPIsService",
-                  "method": "Predictions"}],
-        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]},
-    }]})),
+    # Idempotent predictions (Predictions, OIP ModelInfer) are retried when no worker or replica
+    # could answer; which codes, and why, is in digitserve.retry.
+    ("grpc.service_config", retry.service_config()),
 )
 
 
