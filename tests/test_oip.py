@@ -1,0 +1,104 @@
+"""The portable Open Inference Protocol client, the retry policy and the ports of the other
+servers: everything that needs no server (unit)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+
+import numpy as np
+import pytest
+from google.protobuf.descriptor import FieldDescriptor
+
+from digitserve import oip, retry
+from digitserve.config import OIP_SERVICES, ClusterPorts, KServePorts, Ports
+from digitserve.grpc_stubs import inference_pb2
+from digitserve.grpc_stubs import open_inference_grpc_pb2 as pb2
+
+pytestmark = pytest.mark.unit
+
+
+def _shape(message) -> dict:
+    """A message type's wire layout: every field's number, type, label and nested layout."""
+    fields = {}
+    for f in message.fields:
+        nested = _shape(f.message_type) if f.type == FieldDescriptor.TYPE_MESSAGE else None
+        fields[f.name] = (f.number, f.type, f.is_repeated, nested)
+    return fields
+
+
+def test_torchserve_oip_messages_are_the_standard_messages_on_the_wire():
+    """KServe's own stubs (the standard proto) and TorchServe's agree field for field, so
+    TorchServe's classes can talk to a KServe or Triton server under the standard name."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as standard
+
+    ours = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    theirs = standard.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert (ours.full_name, theirs.full_name) == OIP_SERVICES
+    for method in ours.methods:
+        other = theirs.methods_by_name[method.name]
+        assert _shape(method.input_type) == _shape(other.input_type), method.name
+        assert _shape(method.output_type) == _shape(other.output_type), method.name
+    assert set(oip._METHODS) <= {method.name for method in ours.methods}
+
+
+def test_read_outputs_from_typed_contents_and_from_raw_contents():
+    typed = pb2.ModelInferResponse(outputs=[
+        pb2.ModelInferResponse.InferOutputTensor(
+            name="digit", datatype="INT64", shape=[1],
+            contents=pb2.InferTensorContents(int64_contents=[7])),
+        pb2.ModelInferResponse.InferOutputTensor(
+            name="error", datatype="BYTES", shape=[1],
+            contents=pb2.InferTensorContents(bytes_contents=[b'"bad"'])),
+    ])
+    assert oip.read_outputs(typed) == {"digit": [7], "error": [b'"bad"']}
+    probabilities = np.array([0.25, 0.75], dtype="<f4")
+    raw = pb2.ModelInferResponse(
+        outputs=[pb2.ModelInferResponse.InferOutputTensor(name=n, datatype=d, shape=[s])
+                 for n, d, s in (("digit", "INT64", 1), ("probabilities", "FP32", 2),
+                                 ("text", "BYTES", 2))],
+        raw_output_contents=[np.array([3], dtype="<i8").tobytes(), probabilities.tobytes(),
+                             struct.pack("<I", 2) + b"ab" + struct.pack("<I", 0)],
+    )
+    assert oip.read_outputs(raw) == {"digit": [3], "probabilities": [0.25, 0.75],
+                                     "text": [b"ab", b""]}
+
+
+def test_an_unknown_datatype_is_a_clear_error():
+    reply = pb2.ModelInferResponse(outputs=[pb2.ModelInferResponse.InferOutputTensor(
+        name="x", datatype="COMPLEX", shape=[1])])
+    with pytest.raises(oip.ServingError, match="COMPLEX"):
+        oip.read_outputs(reply)
+
+
+def test_retry_policy_names_real_idempotent_methods_only():
+    config = json.loads(retry.service_config())["methodConfig"]
+    assert len(config) == 1
+    names = {(entry["service"], entry["method"]) for entry in config[0]["name"]}
+    inference = inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"]
+    assert (inference.full_name, "Predictions") in names
+    assert {(service, "ModelInfer") for service in OIP_SERVICES} <= names
+    assert {method for _, method in names} == {"Predictions", "ModelInfer"}
+    policy = config[0]["retryPolicy"]
+    assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED",
+                                                   "INTERNAL"}
+    assert 2 <= policy["maxAttempts"] <= 5
+
+
+@pytest.mark.parametrize("offset", [0, 100, 1000, 3000, 4000, 12300])
+def test_the_other_servers_ports_never_meet_torchserve_or_another_seat(offset):
+    """Ports end in 00-69: no seat's TorchServe ports (ending 70-82) and no other seat's block
+    (offsets are multiples of 100) can be among them."""
+    block = 10_000 + offset
+    kserve, ray = KServePorts.at(block), ClusterPorts.at(block)
+    ours = [*dataclasses.astuple(kserve),
+            *(port for name, port in dataclasses.asdict(ray).items()
+              if not name.endswith("_workers"))]
+    workers = [start + i for start in (ray.head_workers, ray.node_workers)
+               for i in range(ray.WORKER_PORTS)]
+    everything = ours + workers
+    assert len(set(everything)) == len(everything), "two roles share a port"
+    assert all(block <= port < block + 70 for port in everything)
+    torchserve_ends = {port % 100 for port in dataclasses.astuple(Ports())}
+    assert not torchserve_ends & {port % 100 for port in everything}
