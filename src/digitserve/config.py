@@ -82,6 +82,11 @@ class KServePorts:
     http: int = PORT_BLOCK
     grpc: int = PORT_BLOCK + 1
 
+    @classmethod
+    def at(cls, block: int) -> KServePorts:
+        """The same layout from another first port (tests: a block found free)."""
+        return cls(*(port - PORT_BLOCK + block for port in astuple(cls())))
+
 
 @dataclass(frozen=True)
 class ClusterPorts:
@@ -115,6 +120,11 @@ class ClusterPorts:
 
     #: How many worker ports each node gets (from ``*_workers``).
     WORKER_PORTS = 20
+
+    @classmethod
+    def at(cls, block: int) -> ClusterPorts:
+        """The same layout from another first port (tests: a block found free)."""
+        return cls(*(port - PORT_BLOCK + block for port in astuple(cls())))
 
 
 #: Where ``digitserve kserve`` and ``digitserve cluster`` keep their state, logs and key file.

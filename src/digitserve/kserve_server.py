@@ -256,6 +256,33 @@ def _rss(process: psutil.Process) -> int:
         return 0
 
 
+def reference_infer(target: str, image: bytes, model: str = MODEL_NAME,
+                    timeout_s: float = 60) -> dict:
+    """One ModelInfer through KServe's own ``InferenceGRPCClient``: its outputs by name.
+
+    The reference for ``OipClient`` (KServe's stubs and decoding, not the kit's). It runs in a
+    thread of its own, so it works where an event loop already runs (a notebook).
+    """
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kserve import InferenceGRPCClient
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    async def infer() -> dict:
+        client = InferenceGRPCClient(target, timeout=timeout_s)
+        try:
+            request = InferRequest(model_name=model, infer_inputs=[
+                InferInput(name="image", shape=[1], datatype="BYTES", data=[image])])
+            reply = await client.infer(request)
+            return {output.name: output.as_numpy().tolist() for output in reply.outputs}
+        finally:
+            await client.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, infer()).result()
+
+
 # -- the command line --------------------------------------------------------------------------
 def add_commands(subparsers) -> None:
     """``digitserve kserve start|status|stop``."""
