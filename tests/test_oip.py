@@ -7,6 +7,7 @@ import dataclasses
 import json
 import struct
 
+import grpc
 import numpy as np
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
@@ -81,8 +82,7 @@ def test_retry_policy_names_real_idempotent_methods_only():
     assert {(service, "ModelInfer") for service in OIP_SERVICES} <= names
     assert {method for _, method in names} == {"Predictions", "ModelInfer"}
     policy = config[0]["retryPolicy"]
-    assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED",
-                                                   "INTERNAL"}
+    assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
     assert 2 <= policy["maxAttempts"] <= 5
 
 
@@ -102,3 +102,86 @@ def test_the_other_servers_ports_never_meet_torchserve_or_another_seat(offset):
     assert all(block <= port < block + 70 for port in everything)
     torchserve_ends = {port % 100 for port in dataclasses.astuple(Ports())}
     assert not torchserve_ends & {port % 100 for port in everything}
+
+
+# -- the replica-death retry, against a small in-process gRPC server ---------------------------
+class _Flaky:
+    """Answers each method with a failure first (as Ray Serve's proxy sends it), then OK."""
+
+    def __init__(self, details: str) -> None:
+        self.details, self.calls = details, []
+
+    def handler(self, method: str):
+        def answer(request: bytes, context) -> bytes:
+            self.calls.append(method)
+            if self.calls.count(method) == 1:
+                context.set_code(grpc.StatusCode.INTERNAL)
+                context.set_details(self.details)
+                return b""  # headers and an empty message: gRPC's own policy cannot retry it
+            return b"ok"
+        return grpc.unary_unary_rpc_method_handler(answer)
+
+
+@pytest.fixture
+def flaky_server(request):
+    from concurrent.futures import ThreadPoolExecutor
+
+    flaky = _Flaky(request.param)
+    server = grpc.server(ThreadPoolExecutor(4))
+    services = {retry.INFERENCE_SERVICE: ("Predictions", "Ping"), OIP_SERVICES[1]: ("ModelInfer",)}
+    for service, methods in services.items():
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            service, {method: flaky.handler(method) for method in methods})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield flaky, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.mark.parametrize("flaky_server", ["The actor died unexpectedly before finishing this "
+                                          "task."], indirect=True)
+def test_a_prediction_whose_replica_died_is_retried(flaky_server):
+    from digitserve.client import _channel
+
+    flaky, target = flaky_server
+    channel = _channel(target, None)
+    for service, method in ((retry.INFERENCE_SERVICE, "Predictions"),
+                            (OIP_SERVICES[1], "ModelInfer")):
+        assert channel.unary_unary(f"/{service}/{method}")(b"x", timeout=10) == b"ok"
+    assert flaky.calls == ["Predictions", "Predictions", "ModelInfer", "ModelInfer"]
+    with pytest.raises(grpc.RpcError) as raised:  # not a prediction: never retried
+        channel.unary_unary(f"/{retry.INFERENCE_SERVICE}/Ping")(b"x", timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INTERNAL and flaky.calls[-1] == "Ping"
+    assert flaky.calls.count("Ping") == 1
+    channel.close()
+
+
+@pytest.mark.parametrize("flaky_server", ["a bug in the handler"], indirect=True)
+def test_any_other_internal_error_is_not_retried(flaky_server):
+    from digitserve.client import _channel
+
+    flaky, target = flaky_server
+    channel = _channel(target, None)
+    with pytest.raises(grpc.RpcError) as raised:
+        channel.unary_unary(f"/{retry.INFERENCE_SERVICE}/Predictions")(b"x", timeout=10)
+    assert raised.value.details() == "a bug in the handler"
+    assert flaky.calls == ["Predictions"]
+    channel.close()
+
+
+@pytest.mark.parametrize("flaky_server", ["The actor died unexpectedly."], indirect=True)
+def test_the_aio_channel_retries_a_replica_death_too(flaky_server):
+    import asyncio
+
+    from digitserve.client import CHANNEL_OPTIONS
+
+    flaky, target = flaky_server
+
+    async def call() -> bytes:
+        async with grpc.aio.insecure_channel(
+                target, CHANNEL_OPTIONS, interceptors=[retry.AsyncReplicaDeathRetry()]) as ch:
+            return await ch.unary_unary(f"/{retry.INFERENCE_SERVICE}/Predictions")(
+                b"x", timeout=10)
+
+    assert asyncio.run(call()) == b"ok"
+    assert flaky.calls == ["Predictions", "Predictions"]

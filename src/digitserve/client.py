@@ -43,8 +43,8 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.enable_retries", 1),
-    # Idempotent predictions (Predictions, OIP ModelInfer) are retried when no worker or replica
-    # could answer; which codes, and why, is in digitserve.retry.
+    # Idempotent predictions (Predictions, OIP ModelInfer) are retried when no worker could take
+    # them; which codes, and why, is in digitserve.retry (with the interceptor of _channel).
     ("grpc.service_config", retry.service_config()),
 )
 
@@ -109,9 +109,11 @@ class Prediction:
 
 def _channel(target: str, tls_cert: Path | None) -> grpc.Channel:
     if tls_cert is None:
-        return grpc.insecure_channel(target, CHANNEL_OPTIONS)
-    credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_cert).read_bytes())
-    return grpc.secure_channel(target, credentials, CHANNEL_OPTIONS)
+        channel = grpc.insecure_channel(target, CHANNEL_OPTIONS)
+    else:
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_cert).read_bytes())
+        channel = grpc.secure_channel(target, credentials, CHANNEL_OPTIONS)
+    return grpc.intercept_channel(channel, retry.ReplicaDeathRetry())
 
 
 def token_refused(err: grpc.RpcError) -> bool:
@@ -468,11 +470,14 @@ class AsyncDigitClient:
     def __init__(self, client: DigitClient, inference_target: str,
                  tls_cert: Path | None = None) -> None:
         self.client = client
+        interceptors = [retry.AsyncReplicaDeathRetry()]
         if tls_cert is None:
-            self.channel = grpc.aio.insecure_channel(inference_target, CHANNEL_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(inference_target, CHANNEL_OPTIONS,
+                                                     interceptors=interceptors)
         else:
             credentials = grpc.ssl_channel_credentials(Path(tls_cert).read_bytes())
-            self.channel = grpc.aio.secure_channel(inference_target, credentials, CHANNEL_OPTIONS)
+            self.channel = grpc.aio.secure_channel(inference_target, credentials, CHANNEL_OPTIONS,
+                                                   interceptors=interceptors)
         self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
 
     @classmethod
