@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,7 @@ from digitserve.config import (
     STARTUP_TIMEOUT_S,
     ClusterPorts,
 )
-from digitserve.server import ServerError, port_is_free, stop_session, tail
+from digitserve.server import ServerError, stop_session, tail
 
 #: The nodes' addresses: loopback, but not the 127.0.0.1 that Ray rewrites.
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
@@ -132,6 +133,19 @@ def all_ports(ports: ClusterPorts) -> list[int]:
     return sorted(set(fixed + workers))
 
 
+def bindable(port: int) -> bool:
+    """True when nothing listens on ``port`` on any address (connections in TIME_WAIT, left by
+    a server just stopped, do not count: servers bind with SO_REUSEADDR, and so does this)."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.bind(("::", port))
+        except OSError:
+            return False
+    return True
+
+
 def environment(settings: ClusterSettings) -> dict[str, str]:
     """The nodes' environment: the proxy and replicas import this very ``digitserve``.
 
@@ -156,7 +170,7 @@ def start(settings: ClusterSettings = ClusterSettings(), timeout_s: float = 2 * 
     if not Path(settings.weights).is_file():
         raise ServerError(f"no model at {settings.weights}: run `digitserve archive` "
                           "(notebook 02) first.")
-    busy = [port for port in all_ports(settings.ports) if not port_is_free(port)]
+    busy = [port for port in all_ports(settings.ports) if not bindable(port)]
     if busy:
         raise ServerError(f"port(s) already in use on {HOST}: {busy[:8]}. Stop what holds them "
                           "(`digitserve cluster stop`; `ss -ltnp` shows who) or set "
@@ -186,11 +200,16 @@ def start(settings: ClusterSettings = ClusterSettings(), timeout_s: float = 2 * 
 
 
 def write_key_file(path: Path) -> Path:
-    """A fresh inference key, in TorchServe's key-file format, readable by this user alone."""
+    """Fresh keys in TorchServe's key-file format, readable by this user alone.
+
+    The deployment accepts the ``inference`` key; the cluster has no management API, but the
+    file has a ``management`` key too, as TorchServe's does, for clients that read both.
+    """
     path.unlink(missing_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as file:
-        json.dump({"inference": {"key": secrets.token_urlsafe(24)}}, file)
+        json.dump({api: {"key": secrets.token_urlsafe(24)} for api in ("inference", "management")},
+                  file)
     return path
 
 
@@ -205,11 +224,12 @@ def _ray_start(name: str, command: list[str], settings: ClusterSettings,
     with open(log, "wb") as out:
         process = subprocess.Popen(command, env=environment(settings), stdin=subprocess.DEVNULL,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline, code, failure = time.monotonic() + timeout_s, None, ""
+    deadline, code, failure, reported = time.monotonic() + timeout_s, None, "", set()
     while time.monotonic() < deadline and code is None and not failure:
         try:
-            code = process.wait(timeout=1)
+            code = process.wait(timeout=0.25)
         except subprocess.TimeoutExpired:
+            _report_agent_ports(settings, reported)
             failure = _raylet_failure(temp_dir)
     if code != 0:
         stop_session(process.pid, timeout_s=10)
@@ -217,6 +237,37 @@ def _ray_start(name: str, command: list[str], settings: ClusterSettings,
         raise ServerError(f"`ray start` for the {name} node failed ({how}).\nLast lines of "
                           f"{log}:\n{tail(log)}{failure or _raylet_failure(temp_dir)}")
     return process.pid
+
+
+def _report_agent_ports(settings: ClusterSettings, reported: set[str]) -> None:
+    """Tell each new raylet the dashboard agent's port, which the kit chose (a busy-machine fix).
+
+    Ray 2.60's raylet waits about 15 s for its dashboard agent, a Python process, to start and
+    report its HTTP port in a file, and gives up the whole node when it is late; on a busy 2-core
+    machine it often is. The kit gave that port on the command line, so it writes the same
+    report into the same file (with Ray's own function) as soon as the raylet runs; the agent
+    writes it again, with the same port, once it is up.
+    """
+    from ray._raylet import DASHBOARD_AGENT_LISTEN_PORT_NAME, persist_port
+
+    ports = {settings.ports.head_node_manager: settings.ports.head_agent_http,
+             settings.ports.node_node_manager: settings.ports.node_agent_http}
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmdline = process.info["cmdline"] or []
+            if process.info["name"] != "raylet" or not cmdline:
+                continue
+            args = dict(arg[2:].split("=", 1) for arg in cmdline[1:]
+                        if arg.startswith("--") and "=" in arg)
+            port = ports.get(int(args.get("node_manager_port", 0)))
+            if (port is None or args.get("temp_dir") != str(settings.temp_dir)
+                    or args["node_id"] in reported):
+                continue
+            persist_port(args["session_dir"], args["node_id"], DASHBOARD_AGENT_LISTEN_PORT_NAME,
+                         port)
+            reported.add(args["node_id"])
+        except (psutil.Error, KeyError, ValueError):
+            continue
 
 
 def _raylet_failure(temp_dir: Path) -> str:
@@ -361,7 +412,12 @@ def _connect(settings: ClusterSettings) -> None:
 
 
 def deploy(settings: ClusterSettings) -> dict:
-    """Start Serve (its proxy on the head node only) and run the application on the cluster."""
+    """Start Serve (its proxy on the head node only) and run the application on the cluster.
+
+    One proxy: two on one machine would both bind the gRPC port. The application needs a route
+    prefix even for gRPC: without one it has no endpoint, and the proxy answers NOT_FOUND
+    "Application metadata not set" to every call.
+    """
     from ray import serve
 
     from digitserve import ray_app
@@ -374,7 +430,7 @@ def deploy(settings: ClusterSettings) -> dict:
     serve.run(ray_app.build(str(settings.weights), str(Path(settings.run_dir) / KEY_FILE),
                             settings.model_name, settings.replicas, settings.max_batch_size,
                             settings.batch_wait_timeout_s),
-              name=APP_NAME, route_prefix=None)
+              name=APP_NAME, route_prefix=f"/{APP_NAME}")
     return {"deployed": APP_NAME}
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from digitserve.cluster import bindable
 from digitserve.config import (
     ARCHIVE_NAME,
     HOST,
@@ -36,7 +37,7 @@ from digitserve.config import (
     STARTUP_TIMEOUT_S,
     KServePorts,
 )
-from digitserve.server import ServerError, port_is_free, stop_session, tail
+from digitserve.server import ServerError, stop_session, tail
 
 STATE_FILE = "kserve.json"
 LOG_FILE = "kserve.log"
@@ -156,7 +157,7 @@ def start(settings: KServeSettings = KServeSettings(), timeout_s: float = STARTU
         raise ServerError(f"no model at {settings.weights}: run `digitserve archive` "
                           "(notebook 02) first.")
     busy = [f"{name} {port}" for name, port in asdict(settings.ports).items()
-            if not port_is_free(port)]
+            if not bindable(port)]
     if busy:
         raise ServerError(f"port(s) already in use on {HOST}: {', '.join(busy)}. Stop what holds "
                           "them (`digitserve kserve stop`; `ss -ltnp` shows who) or set "
