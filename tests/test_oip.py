@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import struct
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -185,3 +187,37 @@ def test_the_aio_channel_retries_a_replica_death_too(flaky_server):
 
     assert asyncio.run(call()) == b"ok"
     assert flaky.calls == ["Predictions", "Predictions"]
+
+
+# -- the cluster's command lines ----------------------------------------------------------------
+def test_every_ray_port_is_explicit_and_distinct_per_node():
+    import ipaddress
+
+    from digitserve import cluster
+
+    settings = cluster.ClusterSettings(ports=ClusterPorts.at(20_000))
+    head, node = cluster.node_commands(settings)
+
+    def ports(command: list[str]) -> dict[str, int]:
+        return {arg.split("=")[0]: int(arg.split("=")[1]) for arg in command
+                if arg.startswith("--") and "port" in arg and "=" in arg}
+
+    head_ports, node_ports = ports(head), ports(node)
+    for flag in ("--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
+                 "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port",
+                 "--metrics-export-port", "--min-worker-port", "--max-worker-port"):
+        assert flag in head_ports and flag in node_ports, flag
+    assert {"--port", "--ray-client-server-port", "--dashboard-port"} <= set(head_ports)
+    assert not set(head_ports.values()) & set(node_ports.values())
+    assert set(head_ports.values()) | set(node_ports.values()) <= set(cluster.all_ports(
+        settings.ports))
+    for command in (head, node):
+        assert "--num-cpus=1" in command and f"--temp-dir={settings.temp_dir}" in command
+        address = next(arg.split("=")[1] for arg in command if arg.startswith("--node-ip"))
+        assert ipaddress.ip_address(address).is_loopback and address != "127.0.0.1"
+    assert "--include-dashboard=false" in head
+    assert f"--address={cluster.HEAD_IP}:{settings.ports.gcs}" in node
+    environment = cluster.environment(settings)
+    assert environment["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert environment[cluster.MARKER] == str(settings.temp_dir)
+    assert str(Path(cluster.__file__).parents[1]) in environment["PYTHONPATH"].split(os.pathsep)

@@ -327,8 +327,9 @@ def status(run_dir: Path = CLUSTER_RUN_DIR, describe: bool = True) -> dict:
     if not processes:
         return {**state, "running": False, "message": "the cluster's processes are gone: "
                 "`digitserve cluster start` cleans up and starts a new one."}
-    report = {**state, "running": True, "processes": len(processes),
-              "rss_mb": round(sum(_rss(p) for p in processes) / 2**20, 1),
+    rss, pss = memory_mb(processes)
+    report = {**state, "running": True, "processes": len(processes), "rss_mb": rss,
+              "pss_mb": pss,
               "message": f"the cluster serves {state['model']} on {state['grpc_target']}"}
     if describe:
         try:
@@ -344,14 +345,20 @@ def stop(run_dir: Path = CLUSTER_RUN_DIR) -> bool:
     state = _read_state(run_dir)
     if state is None:
         return False
-    was_running = bool(cluster_processes(state))
-    for pgid in state.get("process_groups", []):
-        stop_session(pgid, timeout_s=15)
-    for process in cluster_processes(state):  # anything that left the process groups
+    processes = cluster_processes(state)
+    was_running = bool(processes)
+    for process in processes:  # both nodes at once: raylets end their workers, then exit
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    for process in alive + cluster_processes(state):
         try:
             process.kill()
         except psutil.Error:
             pass
+    psutil.wait_procs(cluster_processes(state), timeout=5)
     import shutil
 
     shutil.rmtree(state.get("temp_dir", ""), ignore_errors=True)
@@ -396,11 +403,20 @@ def _write_state(run_dir: Path, state: dict) -> None:
     (Path(run_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-def _rss(process: psutil.Process) -> int:
-    try:
-        return process.memory_info().rss
-    except psutil.Error:
-        return 0
+def memory_mb(processes: list[psutil.Process]) -> tuple[float, float]:
+    """Resident memory of ``processes`` in MB: RSS summed, and PSS summed.
+
+    RSS counts a page shared by several processes (libraries, Ray's object store) once per
+    process; PSS splits it among them, so its sum is what the processes hold together.
+    """
+    rss = pss = 0
+    for process in processes:
+        try:
+            info = process.memory_full_info()
+        except psutil.Error:
+            continue
+        rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+    return round(rss / 2**20, 1), round(pss / 2**20, 1)
 
 
 # -- the Ray driver (in a child process) ------------------------------------------------------

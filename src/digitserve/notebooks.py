@@ -29,6 +29,7 @@ NOTEBOOKS = (
     "05_robust_serving.ipynb",
     "06_grpc_api.ipynb",
     "07_benchmark.ipynb",
+    "09_beyond_one_machine.ipynb",
 )
 #: Workshop notebooks, run after the lessons (they need the archive notebook 02 makes):
 #: the exercises as learners get them, and the same with the solutions filled in.
