@@ -3,7 +3,8 @@
 Both serve the same ``.mar`` with the same work per core: TorchServe with two Python workers
 (one per core), the cluster with two replicas (one per one-CPU node); both batch up to 8 requests
 that arrive within 5 ms. They run one after the other, never together, and the same
-``DigitClient`` calls both over gRPC. Figures per server: cold start (start until the first
+``DigitClient`` calls both over gRPC, and every answer is checked against what the same weights
+answer in this process (``mismatches``). Figures per server: cold start (start until the first
 answer), p50 for one caller, throughput for 16 callers, and memory after the measurements,
 summed over every process of the server (RSS, and PSS, which counts shared pages once:
 ``cluster.memory_mb``).
@@ -24,6 +25,7 @@ import psutil
 from digitserve import bench, cluster
 from digitserve.client import DigitClient
 from digitserve.config import ARCHIVE_NAME, MODEL_STORE, ClusterPorts
+from digitserve.predictor import DigitPredictor
 from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports
 
 #: Batching on both servers: up to this many requests, gathered within this many ms.
@@ -49,8 +51,10 @@ QUICK = SideBySide(requests=48, warmup=16, images=16)
 def measure(settings: SideBySide, run_root: Path, model_store: Path = MODEL_STORE,
             cluster_ports: ClusterPorts | None = None, progress: bool = True) -> dict:
     """Start TorchServe, measure it, stop it; then the same for the cluster. Returns figures."""
-    payloads, expected = bench.bench_images(settings.images)
     mar = Path(model_store) / f"{ARCHIVE_NAME}.mar"
+    payloads, _ = bench.bench_images(settings.images)
+    # What the same weights answer in this process: a server that answers otherwise mismatches.
+    expected = [answer["digit"] for answer in DigitPredictor(mar).predict(payloads)]
     results = {"settings": vars(settings) | {"workers": WORKERS, "batch_size": BATCH_SIZE,
                                               "batch_delay_ms": BATCH_DELAY_MS},
                "load_average": list(psutil.getloadavg())}
