@@ -20,7 +20,7 @@ What listens where, and why:
   its user alone (mode 0600), as TorchServe does.
 
 Ray's driver work (deploying, asking where the replicas run) happens in a short child process
-(``python -m digitserve.cluster deploy|describe SETTINGS``), so a notebook kernel or a test
+(``python -m digitserve.ray_driver deploy|describe SETTINGS``), so a notebook kernel or a test
 process never becomes part of the cluster.
 """
 
@@ -284,11 +284,11 @@ def _raylet_failure(temp_dir: Path) -> str:
 
 
 def _driver(action: str, run_dir: Path, timeout_s: float) -> dict:
-    """Run ``python -m digitserve.cluster ACTION`` (a short-lived Ray driver); its JSON answer."""
+    """Run ``python -m digitserve.ray_driver ACTION`` (a short-lived Ray driver); its answer."""
     log = run_dir / "driver.log"
     settings = ClusterSettings.from_json(json.loads((run_dir / SETTINGS_FILE).read_text()))
     with open(log, "ab") as err:
-        done = subprocess.run([sys.executable, "-m", "digitserve.cluster", action,
+        done = subprocess.run([sys.executable, "-m", "digitserve.ray_driver", action,
                                str(run_dir / SETTINGS_FILE)], env=environment(settings),
                               stdout=subprocess.PIPE, stderr=err, timeout=timeout_s, check=False)
     if done.returncode != 0:
@@ -419,64 +419,6 @@ def memory_mb(processes: list[psutil.Process]) -> tuple[float, float]:
     return round(rss / 2**20, 1), round(pss / 2**20, 1)
 
 
-# -- the Ray driver (in a child process) ------------------------------------------------------
-def _connect(settings: ClusterSettings) -> None:
-    import ray
-
-    ray.init(address=f"{HEAD_IP}:{settings.ports.gcs}", _node_ip_address=HEAD_IP,
-             log_to_driver=False, logging_level="ERROR")
-
-
-def deploy(settings: ClusterSettings) -> dict:
-    """Start Serve (its proxy on the head node only) and run the application on the cluster.
-
-    One proxy: two on one machine would both bind the gRPC port. The application needs a route
-    prefix even for gRPC: without one it has no endpoint, and the proxy answers NOT_FOUND
-    "Application metadata not set" to every call.
-    """
-    from ray import serve
-
-    from digitserve import ray_app
-
-    _connect(settings)
-    serve.start(proxy_location="HeadOnly",
-                http_options={"host": HOST, "port": settings.ports.serve_http},
-                grpc_options={"port": settings.ports.serve_grpc,
-                              "grpc_servicer_functions": list(ray_app.GRPC_SERVICERS)})
-    serve.run(ray_app.build(str(settings.weights), str(Path(settings.run_dir) / KEY_FILE),
-                            settings.model_name, settings.replicas, settings.max_batch_size,
-                            settings.batch_wait_timeout_s),
-              name=APP_NAME, route_prefix=f"/{APP_NAME}")
-    return {"deployed": APP_NAME}
-
-
-def describe(settings: ClusterSettings) -> dict:
-    """The nodes and the replicas, each with the node it runs on (asked of Serve's controller)."""
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    _connect(settings)
-    names = {settings.ports.head_node_manager: NODE_NAMES[0],
-             settings.ports.node_node_manager: NODE_NAMES[1]}
-    nodes, by_id = [], {}
-    for node in ray.nodes():
-        name = names.get(node["NodeManagerPort"], node["NodeManagerAddress"])
-        by_id[node["NodeID"]] = name
-        nodes.append({"name": name, "address": node["NodeManagerAddress"], "alive": node["Alive"],
-                      "cpus": node["Resources"].get("CPU", 0), "node_id": node["NodeID"]})
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    details = ray.get(controller.get_serve_instance_details.remote())
-    replicas = []
-    for deployment in details.get("applications", {}).get(APP_NAME, {}).get("deployments",
-                                                                             {}).values():
-        for replica in deployment.get("replicas", []):
-            replicas.append({"node": by_id.get(replica.get("node_id"), replica.get("node_ip")),
-                             "pid": replica.get("pid"), "state": replica.get("state"),
-                             "replica_id": replica.get("replica_id")})
-    return {"nodes": sorted(nodes, key=lambda n: n["name"]),
-            "replicas": sorted(replicas, key=lambda r: (r["node"] or "", r["pid"] or 0))}
-
-
 # -- the command line --------------------------------------------------------------------------
 def add_commands(subparsers) -> None:
     """``digitserve cluster start|status|stop``."""
@@ -502,9 +444,3 @@ def run_cluster(args: argparse.Namespace) -> int:
     report = status()
     print(json.dumps(report, indent=2) if args.json else report["message"])
     return 0 if report.get("running") else 3
-
-
-if __name__ == "__main__":
-    action, settings_file = sys.argv[1], Path(sys.argv[2])
-    settings = ClusterSettings.from_json(json.loads(settings_file.read_text()))
-    print(json.dumps({"deploy": deploy, "describe": describe}[action](settings)))
