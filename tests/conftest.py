@@ -28,14 +28,18 @@ from digitserve.server import (
     start_on_free_ports,
 )
 
-#: Command-line fragments of TorchServe's Java frontend and of its Python model workers.
-SERVER_MARKERS = ("org.pytorch.serve.ModelServer", "model_service_worker")
+#: Command-line fragments of TorchServe's Java frontend and of its Python model workers, and of
+#: KServe's ModelServer process.
+SERVER_MARKERS = ("org.pytorch.serve.ModelServer", "model_service_worker",
+                  "digitserve.kserve_server")
 
 #: Process-group ids (the leader's pid) of every TorchServe this session started.
 _STARTED_GROUPS: set[int] = set()
 #: The marker processes seen in those groups while they ran (psutil.Process remembers the
 #: creation time, so a recycled pid is not mistaken for one of ours).
 _SEEN_PROCESSES: dict[int, psutil.Process] = {}
+#: The state (process groups, temp dir) of every Ray cluster this session started.
+_CLUSTERS: list[dict] = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -65,8 +69,17 @@ def record_server_group(pgid: int) -> None:
         _SEEN_PROCESSES[proc.pid] = proc
 
 
+def record_cluster(state: dict) -> None:
+    """Remember a Ray cluster started by this session (``cluster.status`` or its state file)."""
+    _CLUSTERS.append(state)
+
+
 def _leftovers() -> list[psutil.Process]:
+    from digitserve import cluster
+
     left = {proc.pid: proc for pgid in _STARTED_GROUPS for proc in server_processes(pgid)}
+    for state in _CLUSTERS:
+        left.update({proc.pid: proc for proc in cluster.cluster_processes(state)})
     for pid, proc in _SEEN_PROCESSES.items():
         try:
             if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
@@ -92,13 +105,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         except psutil.Error:
             lines.append(f"  pid {proc.pid}")
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    message = "\nTorchServe processes started by this test session are still running:\n"
+    message = "\nServer processes started by this test session are still running:\n"
     if reporter:
         reporter.write_line(message + "\n".join(lines), red=True)
     for pgid in _STARTED_GROUPS:  # clean up only the groups this session started
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
+            pass
+    for proc in left:  # and what is left of its clusters
+        try:
+            proc.kill()
+        except psutil.Error:
             pass
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

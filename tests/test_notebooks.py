@@ -222,6 +222,41 @@ def check_08_why_grpc(metrics: dict) -> None:
     assert_no_server_left()
 
 
+def check_09_beyond_one_machine(metrics: dict) -> None:
+    """Both OIP servers agree, the cluster ran on two nodes and lost no call, nothing is left."""
+    from digitserve import cluster
+
+    assert metrics["oip_services"] == {
+        "torchserve": "org.pytorch.serve.grpc.openinference.GRPCInferenceService",
+        "kserve": "inference.GRPCInferenceService"}
+    assert metrics["oip_same_digits"] is True
+    assert metrics["oip_largest_probability_gap"] < 1e-5
+    assert metrics["kserve_reference_agrees"] is True
+    assert {address.rsplit(":", 1)[0] for address in metrics["kserve_listening"]} <= {
+        "127.0.0.1", "::ffff:127.0.0.1"}
+    assert metrics["kserve_stopped"] is True
+    assert sorted(metrics["cluster_nodes"]) == sorted(cluster.NODE_NAMES)
+    assert sorted(metrics["cluster_replica_nodes"]) == sorted(cluster.NODE_NAMES)
+    assert metrics["cluster_health"] == "Healthy"
+    assert metrics["cluster_same_as_torchserve"] is True
+    assert metrics["no_key_status"] == "PERMISSION_DENIED"
+    killed = metrics["killed"]
+    assert killed["failures"] == [] and killed["wrong"] == 0, killed
+    assert killed["answered"] == killed["calls"] and killed["callers"] == 16
+    assert killed["replaced_after_s"] is not None
+    assert metrics["cluster_stopped"] is True and metrics["left_behind"] == 0
+    assert cluster.cluster_processes(metrics["cluster_state"]) == []
+    figures = metrics["side_by_side"]
+    for server in ("torchserve", "cluster"):
+        measured = figures[server]
+        assert measured["errors"] == 0 and measured["mismatches"] == 0, (server, measured)
+        for key in ("p50_ms_one_caller", "throughput_rps_16", "cold_start_s", "rss_mb"):
+            assert measured[key] > 0, (server, key)
+    assert sorted(figures["cluster"]["replica_nodes"]) == sorted(cluster.NODE_NAMES)
+    assert "estimate" in figures["estimate"]["label"] and figures["estimate"]["rows"]
+    assert_no_server_left()
+
+
 CHECKS = {
     "01_train": check_01_train,
     "02_archive": check_02_archive,
@@ -231,6 +266,7 @@ CHECKS = {
     "06_versions_and_workers": check_06_versions_and_workers,
     "07_streaming_and_oip": check_07_streaming_and_oip,
     "08_why_grpc": check_08_why_grpc,
+    "09_beyond_one_machine": check_09_beyond_one_machine,
 }
 #: The first notebook whose run failed: the ones after it are skipped, not failed again.
 _failed: list[str] = []
@@ -272,6 +308,7 @@ def test_notebook_runs_quick(name: str, isolated_kit: Path) -> None:
     ("06_versions_and_workers.ipynb", "02_archive.ipynb"),
     ("07_streaming_and_oip.ipynb", "02_archive.ipynb"),
     ("08_why_grpc.ipynb", "02_archive.ipynb"),
+    ("09_beyond_one_machine.ipynb", "02_archive.ipynb"),
 ])
 def test_notebook_names_what_to_run_first(
     name: str, first: str, isolated_kit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

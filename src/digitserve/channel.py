@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from digitserve.config import MAX_MESSAGE_BYTES
+from digitserve.config import MAX_MESSAGE_BYTES, OIP_SERVICES
 from digitserve.errors import AuthError, ServerUnavailableError
 
 #: Idempotent inference RPCs that gRPC may send again: TorchServe's Predictions, and
@@ -26,8 +26,7 @@ from digitserve.errors import AuthError, ServerUnavailableError
 #: package, and KServe's / Triton's ``inference``).
 IDEMPOTENT_METHODS = (
     ("org.pytorch.serve.grpc.inference.InferenceAPIsService", "Predictions"),
-    ("org.pytorch.serve.grpc.openinference.GRPCInferenceService", "ModelInfer"),
-    ("inference.GRPCInferenceService", "ModelInfer"),
+    *((service, "ModelInfer") for service in OIP_SERVICES),
 )
 #: Request messages of those RPCs: the client retries a call carrying one of these once more
 #: when the process serving it died (``errors.worker_died``).

@@ -1,6 +1,7 @@
 """The ``digitserve`` command: every stage of the kit from a shell.
 
     digitserve check | data | train | archive | protos | serve start|stop|status | predict IMAGE...
+    digitserve kserve|cluster start|stop|status (KServe; a two-node Ray Serve cluster)
     digitserve demo (the whole walkthrough, as `make demo`)
     digitserve report [--quick] (every notebook executed and rendered as HTML, `make report`)
 """
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="JSON lines (the default output)")
     predict.set_defaults(run=run_predict)
     predict.epilog, predict.formatter_class = EXIT_CODES, argparse.RawDescriptionHelpFormatter
+    from digitserve import cluster, kserve_server  # lazily, like every command's imports
+
+    kserve_server.add_commands(commands)
+    cluster.add_commands(commands)
     return parser
 
 

@@ -98,3 +98,72 @@ LIVE_MAX_CANVASES = 64
 LIVE_CANVAS_IDLE_S = 1800
 #: Deadline of one StreamPredictions2 call: a drawing session, person-paced.
 LIVE_SESSION_DEADLINE_S = 1800.0
+
+# -- Beyond one TorchServe: KServe and the Ray Serve cluster (notebook 09) ----------------------
+#: The Open Inference Protocol's gRPC service under its two names: TorchServe 0.12 puts it in a
+#: package of its own; KServe, Triton and the protocol's standard proto use ``inference``.
+OIP_SERVICES = (
+    "org.pytorch.serve.grpc.openinference.GRPCInferenceService",
+    "inference.GRPCInferenceService",
+)
+#: The kit's other servers take their ports from one block, shifted by ``PORT_OFFSET`` like
+#: TorchServe's. Its ports end in 00-69, so neither this block nor TorchServe's ports (ending in
+#: 70, 71, 80, 81, 82) of any seat whose offset is a multiple of 100 ever meet another seat's.
+PORT_BLOCK = 10_000 + PORT_OFFSET
+
+
+@dataclass(frozen=True)
+class KServePorts:
+    """KServe's ModelServer defaults to 8080/8081, TorchServe's: the kit always passes both."""
+
+    http: int = PORT_BLOCK
+    grpc: int = PORT_BLOCK + 1
+
+    @classmethod
+    def at(cls, block: int) -> KServePorts:
+        """The same layout from another first port (tests: a block found free)."""
+        return cls(*(port - PORT_BLOCK + block for port in astuple(cls())))
+
+
+@dataclass(frozen=True)
+class ClusterPorts:
+    """Every port of the two-node Ray cluster, explicit and distinct per node.
+
+    Ray's defaults (6379, 8265, 10001, 52365, ...) collide with other users on a shared host,
+    and two nodes on one machine would otherwise pick the same ones. ``head_*``: the head node;
+    ``node_*``: the second node; ``*_workers``: the first of 20 ports for that node's workers.
+    """
+
+    serve_grpc: int = PORT_BLOCK + 2
+    serve_http: int = PORT_BLOCK + 3
+    gcs: int = PORT_BLOCK + 10
+    client_server: int = PORT_BLOCK + 11
+    head_node_manager: int = PORT_BLOCK + 12
+    head_object_manager: int = PORT_BLOCK + 13
+    head_runtime_env_agent: int = PORT_BLOCK + 14
+    head_agent_grpc: int = PORT_BLOCK + 15
+    head_agent_http: int = PORT_BLOCK + 16
+    head_metrics: int = PORT_BLOCK + 17
+    #: The dashboard is off, but Ray still claims its port for a minimal head process.
+    head_dashboard: int = PORT_BLOCK + 18
+    head_workers: int = PORT_BLOCK + 20
+    node_node_manager: int = PORT_BLOCK + 42
+    node_object_manager: int = PORT_BLOCK + 43
+    node_runtime_env_agent: int = PORT_BLOCK + 44
+    node_agent_grpc: int = PORT_BLOCK + 45
+    node_agent_http: int = PORT_BLOCK + 46
+    node_metrics: int = PORT_BLOCK + 47
+    node_workers: int = PORT_BLOCK + 50
+
+    #: How many worker ports each node gets (from ``*_workers``).
+    WORKER_PORTS = 20
+
+    @classmethod
+    def at(cls, block: int) -> ClusterPorts:
+        """The same layout from another first port (tests: a block found free)."""
+        return cls(*(port - PORT_BLOCK + block for port in astuple(cls())))
+
+
+#: Where ``digitserve kserve`` and ``digitserve cluster`` keep their state, logs and key file.
+KSERVE_RUN_DIR = RUN_DIR.parent / f"{RUN_DIR.name}-kserve"
+CLUSTER_RUN_DIR = RUN_DIR.parent / f"{RUN_DIR.name}-cluster"

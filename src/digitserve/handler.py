@@ -73,10 +73,7 @@ PAYLOAD_KEYS = ("data", "body")
 MAX_INPUT_KEYS = 8
 MAX_KEY_CHARS = 64
 #: Open Inference Protocol datatypes a pixel tensor may have (BYTES carries an encoded image).
-OIP_PIXEL_TYPES = ("UINT8", "UINT16", "UINT32", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
-#: The most dimensions an OIP pixel tensor may have: [28, 28], [1, 28, 28] or, as a torch
-#: client sends one grey image (N, C, H, W), [1, 1, 28, 28].
-OIP_MAX_DIMS = 4
+OIP_PIXEL_TYPES = preprocessing.OIP_PIXEL_TYPES
 
 
 class DigitHandler(BaseHandler):
@@ -169,14 +166,8 @@ class DigitHandler(BaseHandler):
         return F.softmax(self.model(inputs).float(), dim=1).cpu()
 
     def answer(self, probabilities: list[float]) -> dict:
-        """The JSON answer for one image: the digit is the argmax, 0–9."""
-        digit = max(range(10), key=probabilities.__getitem__)
-        return {
-            "digit": digit,
-            "probability": round(probabilities[digit], 6),
-            "probabilities": [round(p, 6) for p in probabilities],
-            "model_version": self.version,
-        }
+        """The JSON answer for one image (``preprocessing.answer``: the digit is the argmax)."""
+        return preprocessing.answer(probabilities, self.version)
 
 
 def read_batch(data: list[dict]) -> tuple[dict, dict]:
@@ -261,45 +252,10 @@ def oip_payload(body: dict) -> object:
                 f"the BYTES input holds {len(data):,} elements: send one image per request"
             )
         try:  # TorchServe base64-encodes BYTES contents before they reach the handler
-            return base64.b64decode(data[0], validate=True)
+            data = [base64.b64decode(element, validate=True) for element in data]
         except (binascii.Error, ValueError, TypeError):
             raise preprocessing.InvalidInput("the BYTES input is not base64 image data") from None
-    if datatype not in OIP_PIXEL_TYPES:
-        raise preprocessing.InvalidInput(
-            f"input datatype {preprocessing.quote(datatype)} is not supported: send BYTES (an "
-            f"image) or a pixel tensor of one of {', '.join(OIP_PIXEL_TYPES)}"
-        )
-    height, width = oip_image_shape(tensor.get("shape"), len(data))
-    return [data[row * width : (row + 1) * width] for row in range(height)]
-
-
-def oip_image_shape(shape: object, n_values: int) -> tuple[int, int]:
-    """(height, width) of an OIP pixel tensor, from its shape, or ``InvalidInput``."""
-    expected = ("expected one image, shape [28, 28], [1, 28, 28] or [1, 1, 28, 28], with as many "
-                "values as the shape says")
-    if (not isinstance(shape, list) or not 2 <= len(shape) <= OIP_MAX_DIMS
-            or not all(type(size) is int and 1 <= size <= preprocessing.MAX_IMAGE_PIXELS
-                       for size in shape)):
-        shown = preprocessing.quote(shape, 60) if not isinstance(shape, list) else (
-            "[" + ", ".join(preprocessing.quote(size, 12).strip("'") for size in shape[:4])
-            + (f", ... ({len(shape):,} sizes)" if len(shape) > 4 else "") + "]")
-        raise preprocessing.InvalidInput(
-            f"the pixel tensor's shape {shown} is not an image's: it takes 2 or {OIP_MAX_DIMS} "
-            f"whole sizes from 1 to {preprocessing.MAX_IMAGE_PIXELS:,}; " + expected
-        )
-    rows = [size for size in shape if size != 1] if len(shape) > 2 else shape
-    if len(rows) != 2:
-        raise preprocessing.InvalidInput(f"the pixel tensor has shape {shape}: {expected}")
-    if rows[0] * rows[1] > preprocessing.MAX_IMAGE_PIXELS:
-        raise preprocessing.InvalidInput(
-            f"the pixel tensor is {rows[0]:,}×{rows[1]:,} pixels, over the kit's limit of "
-            f"{preprocessing.MAX_IMAGE_PIXELS:,}: a digit needs far fewer"
-        )
-    if rows[0] * rows[1] != n_values:
-        raise preprocessing.InvalidInput(
-            f"the pixel tensor has shape {shape} and {n_values:,} values: {expected}"
-        )
-    return rows[0], rows[1]
+    return preprocessing.payload_from_tensor(datatype, tensor.get("shape"), data)
 
 
 def _tensor(name: str, datatype: str, data: list) -> dict:

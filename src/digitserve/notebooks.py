@@ -30,6 +30,7 @@ NOTEBOOKS = (
     "06_versions_and_workers.ipynb",
     "07_streaming_and_oip.ipynb",
     "08_why_grpc.ipynb",
+    "09_beyond_one_machine.ipynb",
 )
 #: Workshop notebooks, run after the lessons (they need the archive notebook 02 makes):
 #: the exercises as learners get them, and the same with the solutions filled in.
@@ -145,3 +146,14 @@ def _check_kernel() -> None:
             f"`{sys.executable} -m ipykernel install --sys-prefix --name {KERNEL_NAME} "
             "--display-name 'Python (digitserve)'`."
         ) from None
+
+
+def readme_section(title: str, readme: Path = config.PROJECT_ROOT / "README.md") -> str:
+    """The Markdown of one ``## title`` section of the README, to show in a notebook: the README
+    holds the text once (e.g. TorchServe's status, shown in notebooks 03 and 09)."""
+    text = Path(readme).read_text()
+    start = text.find(f"\n## {title}\n")
+    if start < 0:
+        raise KeyError(f"no section '## {title}' in {readme}")
+    end = text.find("\n## ", start + 1)
+    return text[start + 1 : end if end > 0 else None].strip()

@@ -9,6 +9,10 @@ Two stages:
    too, so the model sees at training time exactly what it sees when served.
 2. ``to_model_input`` turns 28×28 digits into the normalised 3×96×96 tensors DigitCNN expects.
 
+And its two ends on the wire, which every server of the kit shares (TorchServe's handler, KServe,
+Ray Serve): ``payload_from_tensor`` reads one Open Inference Protocol input tensor, ``answer``
+makes the JSON answer from the model's probabilities.
+
 This file is archived into the .mar beside the handler, so it imports nothing from the package.
 """
 
@@ -314,3 +318,75 @@ def _nominal_shape(value: object, depth: int = 4) -> tuple[int, ...]:
             break
         value = value[0]
     return tuple(shape)
+
+
+#: Open Inference Protocol datatypes a pixel tensor may have (BYTES carries an encoded image).
+OIP_PIXEL_TYPES = ("UINT8", "UINT16", "UINT32", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
+#: The most dimensions an OIP pixel tensor may have: [28, 28], [1, 28, 28] or, as a torch
+#: client sends one grey image (N, C, H, W), [1, 1, 28, 28].
+OIP_MAX_DIMS = 4
+
+
+def payload_from_tensor(datatype: object, shape: object, data: object) -> bytes | list:
+    """The image of one Open Inference Protocol input tensor, for ``digit_from_payload``.
+
+    BYTES: exactly one element, the image bytes (decoded from base64 by the caller where the
+    server sends them so). A pixel tensor: its shape is checked (at most ``OIP_MAX_DIMS`` sizes,
+    each at least 1, their product within ``MAX_IMAGE_PIXELS`` and equal to the number of flat
+    values) before anything is built from it. Every server of the kit reads tensors here.
+    """
+    if not isinstance(data, list):
+        raise InvalidInput("the input tensor's data is not a list of values")
+    if datatype == "BYTES":
+        if len(data) != 1 or not isinstance(data[0], (str, bytes)):
+            raise InvalidInput(
+                f"the BYTES input holds {len(data):,} elements: send one image per request"
+            )
+        element = data[0]
+        return element.encode("utf-8") if isinstance(element, str) else bytes(element)
+    if datatype not in OIP_PIXEL_TYPES:
+        raise InvalidInput(
+            f"input datatype {quote(datatype)} is not supported: send BYTES (an image) or a "
+            f"pixel tensor of one of {', '.join(OIP_PIXEL_TYPES)}"
+        )
+    height, width = oip_image_shape(shape, len(data))
+    return [data[row * width : (row + 1) * width] for row in range(height)]
+
+
+def oip_image_shape(shape: object, n_values: int) -> tuple[int, int]:
+    """(height, width) of an OIP pixel tensor, from its shape, or ``InvalidInput``."""
+    expected = ("expected one image, shape [28, 28], [1, 28, 28] or [1, 1, 28, 28], with as many "
+                "values as the shape says")
+    if (not isinstance(shape, list) or not 2 <= len(shape) <= OIP_MAX_DIMS
+            or not all(type(size) is int and 1 <= size <= MAX_IMAGE_PIXELS for size in shape)):
+        shown = quote(shape, 60) if not isinstance(shape, list) else (
+            "[" + ", ".join(quote(size, 12).strip("'") for size in shape[:4])
+            + (f", ... ({len(shape):,} sizes)" if len(shape) > 4 else "") + "]")
+        raise InvalidInput(
+            f"the pixel tensor's shape {shown} is not an image's: it takes 2 to {OIP_MAX_DIMS} "
+            f"whole sizes from 1 to {MAX_IMAGE_PIXELS:,}; " + expected
+        )
+    rows = [size for size in shape if size != 1] if len(shape) > 2 else shape
+    if len(rows) != 2:
+        raise InvalidInput(f"the pixel tensor has shape {shape}: {expected}")
+    if rows[0] * rows[1] > MAX_IMAGE_PIXELS:
+        raise InvalidInput(
+            f"the pixel tensor is {rows[0]:,}×{rows[1]:,} pixels, over the kit's limit of "
+            f"{MAX_IMAGE_PIXELS:,}: a digit needs far fewer"
+        )
+    if rows[0] * rows[1] != n_values:
+        raise InvalidInput(
+            f"the pixel tensor has shape {shape} and {n_values:,} values: {expected}"
+        )
+    return rows[0], rows[1]
+
+
+def answer(probabilities: list[float], version: str = "") -> dict:
+    """The JSON answer for one image: the digit is the argmax, 0–9 (every server sends this)."""
+    digit = max(range(10), key=probabilities.__getitem__)
+    return {
+        "digit": digit,
+        "probability": round(probabilities[digit], 6),
+        "probabilities": [round(p, 6) for p in probabilities],
+        "model_version": version,
+    }

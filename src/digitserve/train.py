@@ -29,7 +29,7 @@ from digitserve.progress import progress
 class TrainSettings:
     """What a training run does. The defaults are the full lesson (notebook 01, ``FULL``)."""
 
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 128
     max_lr: float = 3e-3
     weight_decay: float = 0.05

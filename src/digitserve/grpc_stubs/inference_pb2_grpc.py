@@ -6,7 +6,7 @@ import warnings
 from digitserve.grpc_stubs import inference_pb2 as digitserve_dot_grpc__stubs_dot_inference__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

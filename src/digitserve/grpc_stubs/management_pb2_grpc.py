@@ -5,7 +5,7 @@ import warnings
 
 from digitserve.grpc_stubs import management_pb2 as digitserve_dot_grpc__stubs_dot_management__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
