@@ -363,3 +363,16 @@ def test_solutions_solve_every_exercise(workshop_kit: Path) -> None:
     assert metrics["failed_calls"] == 0 and metrics["served_accuracy"] >= 0.8
     assert set(metrics["throughput"]) == {"1", "8"} and min(metrics["throughput"].values()) > 0
     assert metrics["n_images"] == 200
+
+
+@pytest.mark.unit
+def test_the_demo_reports_each_notebooks_time_from_papermills_record(tmp_path):
+    executed = []
+    for name, seconds in (("01_train.ipynb", 90.0), ("02_archive.ipynb", 30.0)):
+        path = tmp_path / name
+        path.write_text(json.dumps({"metadata": {"papermill": {"duration": seconds}},
+                                    "cells": []}))
+        executed.append(path)
+    assert notebooks.durations(executed) == {"01_train.ipynb": 90.0, "02_archive.ipynb": 30.0}
+    table = notebooks.time_table(executed)
+    assert "| `01_train.ipynb` | 1.5 min |" in table and "**2.0 min**" in table

@@ -295,7 +295,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     """Prepare MNIST, execute the notebooks in order, then say where everything is."""
     from digitserve.data import ensure_mnist, export_samples
-    from digitserve.notebooks import read_metrics, run_all
+    from digitserve.notebooks import read_metrics, run_all, time_table
     from digitserve.server import stop_run_dir
 
     ensure_mnist()
@@ -312,6 +312,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"Archive:  {config.ARCHIVE_PATH}")
     print(f"Figures:  {config.FIGURES_DIR}")
     print(f"Test accuracy on the 10,000 MNIST test images: {training['test_accuracy']:.2%}")
+    print(f"\nHow long each notebook took (papermill's record):\n{time_table(executed)}")
     return 0
 
 

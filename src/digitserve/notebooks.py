@@ -99,6 +99,25 @@ def run_all(quick: bool, out_dir: Path = config.NOTEBOOKS_OUT_DIR,
     return [run_notebook(name, quick, out_dir, timeout_s) for name in names]
 
 
+def durations(executed: list[Path]) -> dict[str, float]:
+    """Seconds each executed notebook took to run, from papermill's record in the notebook."""
+    seconds = {}
+    for path in executed:
+        metadata = json.loads(Path(path).read_text()).get("metadata", {}).get("papermill", {})
+        if metadata.get("duration") is not None:
+            seconds[Path(path).name] = float(metadata["duration"])
+    return seconds
+
+
+def time_table(executed: list[Path]) -> str:
+    """A Markdown table of each notebook's time, and the total (the README's, from a demo)."""
+    seconds = durations(executed)
+    rows = [f"| `{name}` | {value / 60:.1f} min |" for name, value in seconds.items()]
+    total = sum(seconds.values())
+    return "\n".join(["| notebook | time |", "|---|---:|", *rows,
+                      f"| **all {len(seconds)}** | **{total / 60:.1f} min** |"])
+
+
 def notebook_parameters(source: Path, quick: bool) -> dict:
     """``QUICK``, plus the head-less settings the notebook's parameters cell declares."""
     declared = papermill.inspect_notebook(str(source))
