@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from digitserve import archive, data, train
+from digitserve import archive, data, oip, train
 from digitserve.config import Ports
 from digitserve.server import (
     ModelSpec,
@@ -165,11 +165,11 @@ def model_store(trained_weights: Path, tmp_path_factory: pytest.TempPathFactory)
     return store
 
 
-def _start_server(run_dir: Path, store: Path, spec: ModelSpec) -> TorchServe:
+def _start_server(run_dir: Path, store: Path, spec: ModelSpec, **settings) -> TorchServe:
     # On free ports, again on others if one is taken before TorchServe binds it; on failure
     # it has already stopped what it started.
     server = start_on_free_ports(ServerSettings(run_dir=run_dir, model_store=store,
-                                                models=(spec,)))
+                                                models=(spec,), **settings))
     record_server_group(server.process.pid)
     return server
 
@@ -178,6 +178,15 @@ def _start_server(run_dir: Path, store: Path, spec: ModelSpec) -> TorchServe:
 def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real TorchServe serving the session's model, one request per batch."""
     ts = _start_server(tmp_path_factory.mktemp("run"), model_store, ModelSpec(batch_size=1))
+    yield ts
+    ts.stop()
+
+
+@pytest.fixture(scope="module")
+def oip_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A TorchServe that also speaks the Open Inference Protocol (under its own service name)."""
+    ts = _start_server(tmp_path_factory.mktemp("run_oip"), model_store, ModelSpec(),
+                       extra_properties=oip.OIP_PROPERTIES)
     yield ts
     ts.stop()
 

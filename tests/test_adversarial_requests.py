@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import urllib.request
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
 from conftest import assert_no_server_left, server_processes
 
-from digitserve import oip, preprocessing, synthetic, worst_case
+from digitserve import preprocessing, synthetic, worst_case
 from digitserve.client import DigitClient, read_key
 from digitserve.config import MODEL_NAME
 from digitserve.grpc_stubs import (
@@ -25,7 +24,7 @@ from digitserve.grpc_stubs import (
     open_inference_grpc_pb2,
     open_inference_grpc_pb2_grpc,
 )
-from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports
+from digitserve.server import TorchServe
 
 pytestmark = pytest.mark.integration
 
@@ -49,16 +48,6 @@ def any_server(request) -> TorchServe:
     return request.getfixturevalue(request.param)
 
 
-@pytest.fixture(scope="module")
-def oip_server(model_store: Path, tmp_path_factory, server_group_recorder):
-    """A TorchServe of this module's own that also speaks the Open Inference Protocol."""
-    ts = TorchServe(ServerSettings(ports=free_ports(), run_dir=tmp_path_factory.mktemp("run_adv"),
-                                   model_store=model_store, models=(ModelSpec(),),
-                                   extra_properties=oip.OIP_PROPERTIES))
-    ts.start()
-    server_group_recorder(ts.process.pid)
-    yield ts
-    ts.stop()
 
 
 def worker_pids(server: TorchServe) -> list[int]:

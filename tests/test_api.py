@@ -97,7 +97,7 @@ def api_client(api_server):
 
 
 @pytest.fixture(scope="module")
-def oip_server(model_store: Path, tmp_path_factory, server_group_recorder):
+def batching_oip_server(model_store: Path, tmp_path_factory, server_group_recorder):
     """TorchServe speaking the Open Inference Protocol too, batching up to 8 requests."""
     ts = start_server(tmp_path_factory.mktemp("run_oip"), model_store, server_group_recorder,
                       models=(ModelSpec(batch_size=8, max_batch_delay_ms=50),),
@@ -107,8 +107,8 @@ def oip_server(model_store: Path, tmp_path_factory, server_group_recorder):
 
 
 @pytest.fixture(scope="module")
-def oip_client(oip_server):
-    with oip.OipClient.for_run_dir(oip_server.run_dir, deadline_s=CALL_DEADLINE_S) as c:
+def oip_client(batching_oip_server):
+    with oip.OipClient.for_run_dir(batching_oip_server.run_dir, deadline_s=CALL_DEADLINE_S) as c:
         yield c
 
 
@@ -446,13 +446,13 @@ def test_oip_health_and_metadata(oip_client):
 
 
 def test_predict_oip_answers_what_the_torchserve_api_answers_on_the_same_port(
-    oip_server, oip_client, pngs, in_process
+    batching_oip_server, oip_client, pngs, in_process
 ):
     """Both protocols are served on the one inference port at once; same model, same answers."""
-    with client.DigitClient.for_run_dir(oip_server.run_dir,
+    with client.DigitClient.for_run_dir(batching_oip_server.run_dir,
                                         deadline_s=CALL_DEADLINE_S) as regular:
         for index in range(5):
-            answer = oip.predict_oip(oip_server.run_dir, pngs[index])
+            answer = oip.predict_oip(batching_oip_server.run_dir, pngs[index])
             reference = regular.predict(pngs[index])
             assert answer["digit"] == reference.digit == int(in_process[index].argmax())
             assert answer["probabilities"] == pytest.approx(reference.probabilities, abs=1e-6)
@@ -489,7 +489,7 @@ def test_oip_pixel_tensors(oip_client, mnist_test, pngs):
         oip_client.infer(np.stack([pixels] * 3))
 
 
-def test_oip_bad_input_alone_and_inside_a_batch(oip_server, oip_client, pngs, in_process):
+def test_oip_bad_input_alone_and_inside_a_batch(batching_oip_server, oip_client, pngs, in_process):
     """Alone, a bad image is INVALID_ARGUMENT; batched with good ones it gets an ``error``
     output (TorchServe makes a ModelInferResponse of every answer in a batch). The client raises
     InvalidInputError for both, with the handler's message."""
@@ -501,7 +501,7 @@ def test_oip_bad_input_alone_and_inside_a_batch(oip_server, oip_client, pngs, in
 
     payloads = [bad if i % 4 == 3 else pngs[i] for i in range(12)]
     seen_in_batch = False
-    with oip.OipClient.for_run_dir(oip_server.run_dir, deadline_s=CALL_DEADLINE_S) as c:
+    with oip.OipClient.for_run_dir(batching_oip_server.run_dir, deadline_s=CALL_DEADLINE_S) as c:
         for _ in range(3):
             start = threading.Barrier(len(payloads))
 
@@ -553,9 +553,9 @@ def test_oip_requests_the_handler_refuses(mnist_test):
             handler.oip_payload(request)
 
 
-def test_oip_needs_the_inference_token(oip_server, pngs):
-    target = f"{HOST}:{oip_server.settings.ports.grpc_inference}"
-    keys = json.loads(oip_server.key_file.read_text())
+def test_oip_needs_the_inference_token(batching_oip_server, pngs):
+    target = f"{HOST}:{batching_oip_server.settings.ports.grpc_inference}"
+    keys = json.loads(batching_oip_server.key_file.read_text())
     request = open_inference_grpc_pb2.ModelInferRequest(
         model_name=MODEL_NAME, inputs=[oip._input_tensor(pngs[0])])
     with grpc.insecure_channel(target) as channel:

@@ -28,7 +28,7 @@ DIGITSERVE = Path(sys.executable).with_name("digitserve")
 PREDICTION_KEYS = {"image", "digit", "probability", "probabilities", "model_version"}
 #: ``serve start`` waits up to config.STARTUP_TIMEOUT_S for the model; the rest is Python's and
 #: Java's start-up on a busy machine.
-START_TIMEOUT_S = STARTUP_TIMEOUT_S + 120
+CLI_START_TIMEOUT_S = STARTUP_TIMEOUT_S + 120
 
 
 def digitserve(*args: str, env: dict[str, str], timeout: float = 120
@@ -114,7 +114,7 @@ def status(cli) -> tuple[int, dict]:
 
 
 def start(cli) -> subprocess.CompletedProcess:
-    result = digitserve("serve", "start", env=cli["env"], timeout=START_TIMEOUT_S)
+    result = digitserve("serve", "start", env=cli["env"], timeout=CLI_START_TIMEOUT_S)
     if (cli["run_dir"] / "server.json").is_file():
         cli["started"]()
     assert result.returncode == 0, result.stdout + result.stderr

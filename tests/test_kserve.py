@@ -18,7 +18,6 @@ import pytest
 from digitserve import kserve_server, oip, synthetic
 from digitserve.client import InvalidInputError, ServingError
 from digitserve.config import ARCHIVE_NAME, MODEL_NAME, MODEL_VERSION, KServePorts
-from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -46,16 +45,6 @@ def kserve(model_store: Path, tmp_path_factory, server_group_recorder):
     kserve_server.stop(settings.run_dir)
 
 
-@pytest.fixture(scope="module")
-def oip_torchserve(model_store: Path, tmp_path_factory, server_group_recorder):
-    """TorchServe speaking the Open Inference Protocol (under its own service name)."""
-    ts = TorchServe(ServerSettings(ports=free_ports(), run_dir=tmp_path_factory.mktemp("ts"),
-                                   model_store=model_store, models=(ModelSpec(),),
-                                   extra_properties=oip.OIP_PROPERTIES))
-    ts.start()
-    server_group_recorder(ts.process.pid)
-    yield ts
-    ts.stop()
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +60,8 @@ def test_kserve_listens_on_loopback_only_on_the_kits_ports(kserve):
     assert hosts <= {"127.0.0.1", "::ffff:127.0.0.1"}, hosts
 
 
-def test_one_oip_call_same_answers_from_torchserve_and_kserve(kserve, oip_torchserve, images):
-    with oip.OipClient.for_run_dir(oip_torchserve.run_dir, deadline_s=CALL_DEADLINE_S) as ts, \
+def test_one_oip_call_same_answers_from_torchserve_and_kserve(kserve, oip_server, images):
+    with oip.OipClient.for_run_dir(oip_server.run_dir, deadline_s=CALL_DEADLINE_S) as ts, \
             oip.OipClient.for_target(kserve["grpc_target"], deadline_s=CALL_DEADLINE_S) as ks:
         for image in images:
             for payload in (synthetic.png(image), image):  # BYTES, then a UINT8 tensor
@@ -99,8 +88,8 @@ def test_kserve_own_client_is_the_reference(kserve, images):
             assert theirs["probabilities"] == ours["probabilities"]
 
 
-def test_a_bad_image_is_invalid_argument_on_both(kserve, oip_torchserve):
-    with oip.OipClient.for_run_dir(oip_torchserve.run_dir, deadline_s=CALL_DEADLINE_S) as ts, \
+def test_a_bad_image_is_invalid_argument_on_both(kserve, oip_server):
+    with oip.OipClient.for_run_dir(oip_server.run_dir, deadline_s=CALL_DEADLINE_S) as ts, \
             oip.OipClient.for_target(kserve["grpc_target"], deadline_s=CALL_DEADLINE_S) as ks:
         for client in (ts, ks):
             with pytest.raises(InvalidInputError, match="not an image") as raised:

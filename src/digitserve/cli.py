@@ -221,10 +221,10 @@ def run_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from digitserve.data import ensure_mnist
-    from digitserve.train import QUICK_SETTINGS, TrainSettings, train
+    from digitserve.train import FULL, QUICK, train
 
     ensure_mnist()
-    settings = QUICK_SETTINGS if args.quick else TrainSettings()
+    settings = QUICK if args.quick else FULL
     if args.epochs:
         settings = replace(settings, epochs=args.epochs)
     metrics = train(settings)

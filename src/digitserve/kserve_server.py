@@ -37,6 +37,7 @@ from digitserve.config import (
     STARTUP_TIMEOUT_S,
     KServePorts,
 )
+from digitserve.ports import connections
 from digitserve.server import ServerError, stop_session, tail
 
 STATE_FILE = "kserve.json"
@@ -225,7 +226,7 @@ def status(run_dir: Path = KSERVE_RUN_DIR) -> dict:
         return {**state, "running": False, "message": f"KServe (pid {state['pid']}) is no longer "
                 "running: `digitserve kserve start` cleans up and starts a new one."}
     listening = sorted({f"{c.laddr.ip}:{c.laddr.port}" for p in processes
-                        for c in _connections(p) if c.status == psutil.CONN_LISTEN})
+                        for c in connections(p) if c.status == psutil.CONN_LISTEN})
     return {**state, "running": True, "listening": listening,
             "rss_mb": round(sum(_rss(p) for p in processes) / 2**20, 1),
             "message": f"KServe is serving {state['model']} on {state['grpc_target']}"}
@@ -241,13 +242,6 @@ def stop(run_dir: Path = KSERVE_RUN_DIR) -> bool:
     stop_session(pid, timeout_s=15)
     path.unlink(missing_ok=True)
     return was_running
-
-
-def _connections(process: psutil.Process) -> list:
-    try:  # psutil >= 6 calls it net_connections; kserve 0.21 pins psutil < 6
-        return getattr(process, "net_connections", process.connections)(kind="inet")
-    except psutil.Error:
-        return []
 
 
 def _rss(process: psutil.Process) -> int:

@@ -32,6 +32,15 @@ def port_is_free(port: int, host: str = HOST) -> bool:
     return True
 
 
+def connections(process: psutil.Process, kind: str = "inet") -> list:
+    """The sockets of ``process`` ([] when it is gone or not ours to see). psutil 6 renamed
+    ``Process.connections`` to ``net_connections``; kserve 0.21 pins psutil below 6."""
+    try:
+        return getattr(process, "net_connections", process.connections)(kind=kind)
+    except psutil.Error:
+        return []
+
+
 def holder(port: int) -> str:
     """Who listens on ``port``: ``pid 123: java ... ModelServer``, or why it cannot be told."""
     try:

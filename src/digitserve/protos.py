@@ -34,13 +34,6 @@ def jar_proto(name: str) -> bytes:
         return jar.read(f"proto/{name}")
 
 
-def copy_protos_from_jar(out: Path = PROTOS_DIR) -> None:
-    """Refresh ``protos/`` from the jar (only needed when TorchServe itself changes)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in PROTO_FILES:
-        (out / name).write_bytes(jar_proto(name))
-
-
 def generate_stubs(protos: Path = PROTOS_DIR, out: Path = STUBS_DIR) -> list[Path]:
     """Run grpcio-tools on ``protos/`` and write ``*_pb2.py``/``*_pb2_grpc.py`` into ``out``.
 

@@ -58,8 +58,6 @@ QUICK = TrainSettings(epochs=1, train_limit=20_000, augment=False)
 #: Version 2.0, which notebook 06 serves beside 1.0: the quick setting with augmentation and
 #: another seed, trained in notebook 01 at both settings (it teaches versions, not accuracy).
 VERSION2 = replace(QUICK, augment=True, seed=1)
-#: The old name of ``QUICK`` (``digitserve.cli`` still uses it).
-QUICK_SETTINGS = QUICK
 #: How many batches one point of the training-loss curve averages.
 CURVE_BATCHES = 25
 

@@ -26,6 +26,7 @@ from digitserve import config
 from digitserve.bench.load import Measurement
 from digitserve.client import CHANNEL_OPTIONS, Prediction, ServingError
 from digitserve.grpc_stubs import inference_pb2, inference_pb2_grpc
+from digitserve.ports import connections as process_connections
 
 AsyncCall = Callable[[bytes], Awaitable[int]]
 
@@ -39,7 +40,7 @@ def run_async(coroutine_function: Callable[[], Awaitable], /):
 def open_connections(port: int) -> int:
     """TCP connections this process holds to ``port`` on this machine right now (the client
     under test's, once those held before it started are subtracted)."""
-    return sum(1 for c in psutil.Process().net_connections(kind="tcp")
+    return sum(1 for c in process_connections(psutil.Process(), "tcp")
                if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
 
 
