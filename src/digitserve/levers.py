@@ -248,7 +248,9 @@ def summary(record: dict | None = None) -> Markdown:
         lines.append(
             f"\n**Chosen: `train.FULL`** ({FULL.epochs} epochs, augmentation "
             f"{'on' if FULL.augment else 'off'}, batch {FULL.batch_size}): over "
-            f"{len(chosen)} seeds its test accuracy was {100 * min(accuracies):.2f}–"
+            f"{len(chosen)} runs (seeds {', '.join(sorted({str(run['seed']) for run in chosen}))}"
+            f"; {', '.join(sorted({str(run['threads']) for run in chosen}))} torch threads) its "
+            f"test accuracy was {100 * min(accuracies):.2f}–"
             f"{100 * max(accuracies):.2f} %, for {min(cpu) / 60:.1f}–{max(cpu) / 60:.1f} "
             "minutes of CPU time each.")
     return Markdown("\n".join(lines))
