@@ -22,7 +22,8 @@ from pathlib import Path
 
 import psutil
 
-from digitserve import bench, cluster
+from digitserve import cluster
+from digitserve.bench import floor, load
 from digitserve.client import DigitClient
 from digitserve.config import ARCHIVE_NAME, MODEL_STORE, ClusterPorts
 from digitserve.predictor import DigitPredictor
@@ -49,10 +50,10 @@ QUICK = SideBySide(requests=48, warmup=16, images=16)
 
 
 def measure(settings: SideBySide, run_root: Path, model_store: Path = MODEL_STORE,
-            cluster_ports: ClusterPorts | None = None, progress: bool = True) -> dict:
+            cluster_ports: ClusterPorts | None = None) -> dict:
     """Start TorchServe, measure it, stop it; then the same for the cluster. Returns figures."""
     mar = Path(model_store) / f"{ARCHIVE_NAME}.mar"
-    payloads, _ = bench.bench_images(settings.images)
+    payloads = floor.bench_images(settings.images)
     # What the same weights answer in this process: a server that answers otherwise mismatches.
     expected = [answer["digit"] for answer in DigitPredictor(mar).predict(payloads)]
     results = {"settings": vars(settings) | {"workers": WORKERS, "batch_size": BATCH_SIZE,
@@ -66,8 +67,7 @@ def measure(settings: SideBySide, run_root: Path, model_store: Path = MODEL_STOR
         with DigitClient.for_run_dir(ts.run_dir) as client:
             client.predict(payloads[0])
             cold = time.perf_counter() - began
-            results["torchserve"] = _measure_server(client, payloads, expected, settings,
-                                                    "TorchServe", progress)
+            results["torchserve"] = _measure_server(client, payloads, expected, settings)
         rss, pss = cluster.memory_mb(_group(ts.process.pid))
         results["torchserve"].update(cold_start_s=round(cold, 2), rss_mb=rss, pss_mb=pss)
 
@@ -81,8 +81,7 @@ def measure(settings: SideBySide, run_root: Path, model_store: Path = MODEL_STOR
         with cluster.client(cluster_settings.run_dir) as client:
             client.predict(payloads[0])
             cold = time.perf_counter() - began
-            results["cluster"] = _measure_server(client, payloads, expected, settings,
-                                                 "Ray Serve cluster", progress)
+            results["cluster"] = _measure_server(client, payloads, expected, settings)
         state = cluster.status(cluster_settings.run_dir)
         replica_pss = [cluster.memory_mb([psutil.Process(r["pid"])])[1]
                        for r in state.get("replicas", [])
@@ -99,15 +98,11 @@ def measure(settings: SideBySide, run_root: Path, model_store: Path = MODEL_STOR
 
 
 def _measure_server(client: DigitClient, payloads: list[bytes], expected: list[int],
-                    settings: SideBySide, label: str, progress: bool) -> dict:
-    def caller() -> bench.GrpcCaller:
-        return bench.GrpcCaller(client)
-
+                    settings: SideBySide) -> dict:
     figures = {}
     for name, concurrency in (("one_caller", 1), ("callers", settings.concurrency)):
-        measured = bench.drive(caller, payloads, expected, settings.requests, concurrency,
-                               settings.warmup, desc=f"{label}, {concurrency} caller(s)",
-                               progress=progress)
+        measured = load.drive(lambda: load.shared_client_caller(client), payloads, expected,
+                              settings.requests, concurrency, settings.warmup)
         figures[name] = measured.summary()
     return {"p50_ms_one_caller": figures["one_caller"]["p50_ms"],
             "throughput_rps_16": figures["callers"]["throughput_rps"],
