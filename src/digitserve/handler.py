@@ -72,8 +72,6 @@ PAYLOAD_KEYS = ("data", "body")
 #: The most input keys one request may hold, and the longest key: a request needs one ("data").
 MAX_INPUT_KEYS = 8
 MAX_KEY_CHARS = 64
-#: Open Inference Protocol datatypes a pixel tensor may have (BYTES carries an encoded image).
-OIP_PIXEL_TYPES = preprocessing.OIP_PIXEL_TYPES
 
 
 class DigitHandler(BaseHandler):
@@ -231,9 +229,9 @@ def is_oip(request: dict) -> bool:
 def oip_payload(body: dict) -> object:
     """The image of an OIP request: image bytes (from BYTES) or a list of pixel rows.
 
-    The shape is checked (at most ``OIP_MAX_DIMS`` sizes, each at least 1, their product within
-    ``preprocessing.MAX_IMAGE_PIXELS`` and equal to the number of values) before anything is
-    built from it.
+    BYTES contents come base64-encoded from TorchServe: one element is checked before it is
+    decoded. The tensor is then read by ``preprocessing.payload_from_tensor``, which checks its
+    shape before anything is built from it (as for KServe and the Ray cluster).
     """
     inputs = body["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
