@@ -250,7 +250,7 @@ def oip_payload(body: dict) -> object:
                 f"the BYTES input holds {len(data):,} elements: send one image per request"
             )
         try:  # TorchServe base64-encodes BYTES contents before they reach the handler
-            data = [base64.b64decode(element, validate=True) for element in data]
+            data = [base64.b64decode(data[0], validate=True)]  # one element, checked above
         except (binascii.Error, ValueError, TypeError):
             raise preprocessing.InvalidInput("the BYTES input is not base64 image data") from None
     return preprocessing.payload_from_tensor(datatype, tensor.get("shape"), data)
