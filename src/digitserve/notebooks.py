@@ -14,9 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import papermill
-from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
 from digitserve import config
 
 NOTEBOOKS_DIR = config.PROJECT_ROOT / "notebooks"
@@ -74,6 +71,9 @@ def run_notebook(
     output = out_dir / name
     if timeout_s is None:
         timeout_s = QUICK_CELL_TIMEOUT_S if quick else FULL_CELL_TIMEOUT_S
+    import papermill  # here, not at the top: every notebook imports this module, and papermill
+    # (through nbformat's schema checks) costs seconds to import that a lesson need not wait
+
     try:
         papermill.execute_notebook(
             str(source),
@@ -120,6 +120,8 @@ def time_table(executed: list[Path]) -> str:
 
 def notebook_parameters(source: Path, quick: bool) -> dict:
     """``QUICK``, plus the head-less settings the notebook's parameters cell declares."""
+    import papermill
+
     declared = papermill.inspect_notebook(str(source))
     return {"QUICK": quick, **{name: value for name, value in HEADLESS_PARAMETERS.items()
                                if name in declared}}
@@ -157,6 +159,8 @@ def read_metrics(stem: str, metrics_dir: Path = config.METRICS_DIR) -> dict:
 
 
 def _check_kernel() -> None:
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
     try:
         KernelSpecManager().get_kernel_spec(KERNEL_NAME)
     except NoSuchKernel:
