@@ -281,7 +281,9 @@ def test_server_configs_become_server_settings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="logging is one of"):
         settings.server_settings(bench.ServerConfig("x", logging="loud"), tmp_path, tmp_path)
     labels = [server.label for server in levers.lever_servers()]
-    assert len(labels) == len(set(labels)) and any("PASSIVE" in label for label in labels)
+    extended = [server.label for server in levers.lever_servers(extended=True)]
+    assert len(labels) == len(set(labels)) and not any("PASSIVE" in label for label in labels)
+    assert set(labels) < set(extended) and any("PASSIVE" in label for label in extended)
 
 
 @pytest.mark.unit

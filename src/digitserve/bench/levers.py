@@ -22,10 +22,12 @@ from digitserve.bench.settings import BenchSettings, ServerConfig
 from digitserve.model import for_serving
 
 
-def lever_servers() -> list[ServerConfig]:
-    """Batching off: workers × torch threads, OMP_WAIT_POLICY, and two logging set-ups.
+def lever_servers(extended: bool = False) -> list[ServerConfig]:
+    """Batching off: workers × torch threads, and TorchServe's logging turned down.
 
     "1 worker × 1 torch thread" is the main batching-off server, measured already.
+    ``extended`` adds ``OMP_WAIT_POLICY=PASSIVE`` and a second logging set-up (``lean.xml``):
+    two more servers, about a minute, for figures that were small in the kit's runs.
     """
     cpus = os.cpu_count() or 1
     servers = []
@@ -38,12 +40,12 @@ def lever_servers() -> list[ServerConfig]:
                 f"{workers} worker{'s' if workers > 1 else ''} × {threads} torch "
                 f"thread{'s' if threads > 1 else ''}{default}",
                 workers=workers, torch_threads=threads))
-    if cpus > 1:
+    if extended and cpus > 1:
         servers.append(ServerConfig(f"1 worker × {cpus} torch threads, OMP_WAIT_POLICY=PASSIVE",
                                     torch_threads=cpus,
                                     environment=(("OMP_WAIT_POLICY", "PASSIVE"),)))
-    for setup, what in (("lean", "log4j2/lean.xml + metrics_mode=prometheus"),
-                        ("quiet", "log4j2/quiet.xml")):
+    setups = (("lean", "log4j2/lean.xml + metrics_mode=prometheus"),) if extended else ()
+    for setup, what in (*setups, ("quiet", "log4j2/quiet.xml")):
         servers.append(ServerConfig(f"1 worker × 1 torch thread, logging: {what}",
                                     logging=setup))
     return servers

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from digitserve import archive, config
+from digitserve import archive, config, worst_case
 from digitserve.bench import analysis, floor, levers, onwire, servers, situations, tables
 from digitserve.bench.load import Measurement, RestCaller
 from digitserve.bench.serverlogs import log_bytes
@@ -31,6 +31,7 @@ from digitserve.bench.settings import (
     rsa_certificate,
 )
 from digitserve.client import DigitClient
+from digitserve.live import live_server_settings, measure_live_drawing
 from digitserve.server import TorchServe, free_ports
 
 GRPC, REST, IN_PROCESS = servers.GRPC, servers.REST, "in-process"
@@ -216,21 +217,13 @@ class BenchRun:
         self._stage("deadlines", began)
         return tables.deadline_table(self.results)
 
-    def live_drawing(self) -> dict | None:
+    def live_drawing(self) -> dict:
         """Strokes streamed over StreamPredictions2 against the whole canvas over REST.
 
-        # CALL SITE for digitserve.live (the live-drawing model, branch h3b-live): a server
-        # serving digitmodel and digitlive from this run's model store, then
-        # measure_live_drawing(run_dir=...) → {"strokes", "answers", "bytes_grpc",
-        # "bytes_rest", "ms_per_update_grpc", "ms_per_update_rest"}, which goes under
-        # "live_drawing" in why_grpc.json. Until that module is merged, the stage says so.
+        A server of its own serves digitmodel and digitlive (``live.live_server_settings``);
+        ``live.measure_live_drawing``'s figures go under "live_drawing" in why_grpc.json.
         """
         self.close()
-        try:
-            from digitserve.live import live_server_settings, measure_live_drawing
-        except ImportError:
-            print("live drawing: not measured here (digitserve.live is not in this checkout)")
-            return None
         began = time.perf_counter()
         live = live_server_settings(ports=free_ports(), run_dir=self.run_root / "live",
                                     model_store=self.model_store)
@@ -244,16 +237,10 @@ class BenchRun:
     def worst_case(self) -> str:
         """The costliest requests the kit's input limits allow: time and peak memory.
 
-        # CALL SITE for digitserve.worst_case.measure (issue 12's handler half): in-process in
-        # a fresh interpreter and (full setting) through a TorchServe of its own; its dict
-        # goes under "worst_case" in results.json and results.md.
+        ``digitserve.worst_case.measure``: in-process in a fresh interpreter and (full setting)
+        through a TorchServe of its own; its figures go under "worst_case" in the results.
         """
         self.close()
-        try:
-            from digitserve import worst_case
-        except ImportError:
-            print("worst case: not measured here (digitserve.worst_case is not in this checkout)")
-            return "(not measured)"
         began, s = time.perf_counter(), self.settings
         self.results["worst_case"] = worst_case.measure(
             model_store=self.model_store, repeats=s.worst_case_repeats,
@@ -268,7 +255,7 @@ class BenchRun:
             self.results["levers"] = levers.measure_model_levers(
                 self.weights, self.model.handler.model, self.payloads, s)
         if s.server_levers:
-            for lever in levers.lever_servers():
+            for lever in levers.lever_servers(s.extended_levers):
                 self._rows("lever", lever, (1, max(s.concurrencies)), s.lever_requests,
                            protocols=(GRPC,))
             self.close()

@@ -158,7 +158,7 @@ class BenchSettings:
     #: Where "many callers" runs (a main server: it is not started twice in a row).
     load_server: ServerConfig = LOAD_SERVER
     #: Timed calls per main measurement, untimed warm-up calls before each.
-    requests: int = 300
+    requests: int = 200
     warmup: int = 20
     #: Untimed calls of each protocol sent to every new server first: the Java frontend
     #: compiles its hot paths (JIT) only after many calls, and the first one measured would pay.
@@ -170,10 +170,10 @@ class BenchSettings:
     floor_requests: int = 300
     batch_size: int = 8
     #: Connection reuse (one caller): calls per way of connecting.
-    reuse_requests: int = 200
+    reuse_requests: int = 150
     #: Many callers: calls in flight, and calls per protocol and level.
     in_flight: tuple[int, ...] = (64, 256)
-    load_requests: int = 1500
+    load_requests: int = 1000
     #: Deadlines: calls sent at once with ``deadline_ms``, to a server that waits
     #: ``deadline_batch_delay_ms`` to fill a batch of ``batch_size``.
     deadline_ms: int = 100
@@ -182,13 +182,15 @@ class BenchSettings:
     payload_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     payload_requests: int = 60
     #: Encoding: typed OIP tensor (gRPC) against a JSON pixel list (REST), calls each.
-    encoding_requests: int = 200
+    encoding_requests: int = 150
     #: The worst-case request (digitserve.worst_case): calls per case; the QUICK setting
     #: measures it in-process only.
     worst_case_repeats: int = 1
-    #: Lever servers (threads × workers, OMP_WAIT_POLICY, logging), calls each.
+    #: Lever servers (workers × threads, quiet logging), calls each; ``extended_levers`` adds
+    #: OMP_WAIT_POLICY=PASSIVE and a second logging set-up (``levers.lever_servers``).
     server_levers: bool = True
-    lever_requests: int = 200
+    extended_levers: bool = False
+    lever_requests: int = 120
     #: In-process levers (inference_mode, channels_last, TorchScript; torch.compile optional:
     #: it costs tens of seconds to compile here).
     model_levers: bool = True
