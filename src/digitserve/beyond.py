@@ -25,14 +25,9 @@ import psutil
 from digitserve import cluster
 from digitserve.bench import floor, load
 from digitserve.client import DigitClient
-from digitserve.config import ARCHIVE_NAME, MODEL_STORE, ClusterPorts
+from digitserve.config import ARCHIVE_NAME, CLUSTER_RUN_DIR, MODEL_STORE
 from digitserve.predictor import DigitPredictor
-from digitserve.server import ModelSpec, ServerSettings, TorchServe, free_ports
-
-#: Batching on both servers: up to this many requests, gathered within this many ms.
-BATCH_SIZE, BATCH_DELAY_MS = 8, 5
-#: Two workers / replicas: one per core of the kit's 2-core machine.
-WORKERS = 2
+from digitserve.server import ModelSpec, ServerError, ServerSettings, TorchServe, free_ports
 
 
 @dataclass(frozen=True)
@@ -49,52 +44,78 @@ FULL = SideBySide()
 QUICK = SideBySide(requests=48, warmup=16, images=16)
 
 
-def measure(settings: SideBySide, run_root: Path, model_store: Path = MODEL_STORE,
-            cluster_ports: ClusterPorts | None = None) -> dict:
-    """Start TorchServe, measure it, stop it; then the same for the cluster. Returns figures."""
-    mar = Path(model_store) / f"{ARCHIVE_NAME}.mar"
-    payloads = floor.bench_images(settings.images)
-    # What the same weights answer in this process: a server that answers otherwise mismatches.
-    expected = [answer["digit"] for answer in DigitPredictor(mar).predict(payloads)]
-    results = {"settings": vars(settings) | {"workers": WORKERS, "batch_size": BATCH_SIZE,
-                                              "batch_delay_ms": BATCH_DELAY_MS},
-               "load_average": list(psutil.getloadavg())}
+@dataclass(frozen=True)
+class Workload:
+    """The digits both servers get, and what the same weights answer in this process."""
 
-    spec = ModelSpec(batch_size=BATCH_SIZE, max_batch_delay_ms=BATCH_DELAY_MS, workers=WORKERS)
+    payloads: list[bytes]
+    expected: list[int]
+
+
+def workload(settings: SideBySide, model_store: Path = MODEL_STORE) -> Workload:
+    """The same test digits for both servers; a server that answers otherwise mismatches."""
+    payloads = floor.bench_images(settings.images)
+    mar = Path(model_store) / f"{ARCHIVE_NAME}.mar"
+    return Workload(payloads, [answer["digit"] for answer in DigitPredictor(mar).predict(payloads)])
+
+
+def start_cluster(payload: bytes, settings: cluster.ClusterSettings | None = None) -> dict:
+    """``cluster.start``, then one prediction: its status, with ``first_answer_s``.
+
+    The cluster's cold start, from the start command to the first answer, measured the way
+    ``measure_torchserve`` measures TorchServe's.
+    """
+    settings = settings or cluster.ClusterSettings()
+    began = time.perf_counter()
+    report = cluster.start(settings)
+    with cluster.client(settings.run_dir, deadline_s=60) as client:
+        client.predict(payload)
+    return {**report, "first_answer_s": round(time.perf_counter() - began, 2)}
+
+
+def measure_cluster(settings: SideBySide, work: Workload, first_answer_s: float,
+                    run_dir: Path = CLUSTER_RUN_DIR) -> dict:
+    """Measure the running cluster (two replicas batching like TorchServe's workers)."""
+    if not cluster.status(run_dir, describe=False).get("running"):
+        raise ServerError(f"no cluster runs from {run_dir}: start it first (`start_cluster`).")
+    with cluster.client(run_dir) as client:
+        figures = _measure_server(client, work.payloads, work.expected, settings)
+    state = cluster.status(run_dir)
+    replica_pss = [cluster.memory_mb([psutil.Process(r["pid"])])[1]
+                   for r in state.get("replicas", [])
+                   if r.get("pid") and psutil.pid_exists(r["pid"])]
+    return {**figures, "cold_start_s": first_answer_s, "rss_mb": state["rss_mb"],
+            "pss_mb": state["pss_mb"], "processes": state["processes"],
+            "replica_pss_mb": replica_pss, "nodes": [n["name"] for n in state.get("nodes", [])],
+            "replica_nodes": [r["node"] for r in state.get("replicas", [])]}
+
+
+def measure_torchserve(settings: SideBySide, work: Workload, run_root: Path,
+                       model_store: Path = MODEL_STORE) -> dict:
+    """Start TorchServe as the cluster serves (two workers, the same batching), measure, stop."""
+    defaults = cluster.ClusterSettings()
+    spec = ModelSpec(batch_size=defaults.max_batch_size, workers=defaults.replicas,
+                     max_batch_delay_ms=round(defaults.batch_wait_timeout_s * 1000))
     began = time.perf_counter()
     with TorchServe(ServerSettings(ports=free_ports(), run_dir=Path(run_root) / "torchserve",
                                    model_store=Path(model_store), models=(spec,))) as ts:
         with DigitClient.for_run_dir(ts.run_dir) as client:
-            client.predict(payloads[0])
+            client.predict(work.payloads[0])
             cold = time.perf_counter() - began
-            results["torchserve"] = _measure_server(client, payloads, expected, settings)
+            figures = _measure_server(client, work.payloads, work.expected, settings)
         rss, pss = cluster.memory_mb(_group(ts.process.pid))
-        results["torchserve"].update(cold_start_s=round(cold, 2), rss_mb=rss, pss_mb=pss)
+    return {**figures, "cold_start_s": round(cold, 2), "rss_mb": rss, "pss_mb": pss}
 
-    cluster_settings = cluster.ClusterSettings(
-        weights=mar, run_dir=Path(run_root) / "cluster", replicas=WORKERS,
-        max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_DELAY_MS / 1000,
-        **({"ports": cluster_ports} if cluster_ports else {}))
-    began = time.perf_counter()
-    cluster.start(cluster_settings)
-    try:
-        with cluster.client(cluster_settings.run_dir) as client:
-            client.predict(payloads[0])
-            cold = time.perf_counter() - began
-            results["cluster"] = _measure_server(client, payloads, expected, settings)
-        state = cluster.status(cluster_settings.run_dir)
-        replica_pss = [cluster.memory_mb([psutil.Process(r["pid"])])[1]
-                       for r in state.get("replicas", [])
-                       if r.get("pid") and psutil.pid_exists(r["pid"])]
-        results["cluster"].update(
-            cold_start_s=round(cold, 2), rss_mb=state["rss_mb"], pss_mb=state["pss_mb"],
-            processes=state["processes"], replica_pss_mb=replica_pss,
-            nodes=[n["name"] for n in state.get("nodes", [])],
-            replica_nodes=[r["node"] for r in state.get("replicas", [])])
-    finally:
-        cluster.stop(cluster_settings.run_dir)
-    results["estimate"] = on_paper(results["cluster"])
-    return results
+
+def side_by_side(settings: SideBySide, torchserve: dict, on_cluster: dict,
+                 load_average: list[float]) -> dict:
+    """Both servers' figures, the settings they share, and the estimate on paper."""
+    defaults = cluster.ClusterSettings()
+    return {"settings": vars(settings) | {"workers": defaults.replicas,
+                                          "batch_size": defaults.max_batch_size,
+                                          "batch_delay_ms": defaults.batch_wait_timeout_s * 1000},
+            "load_average": load_average, "torchserve": torchserve, "cluster": on_cluster,
+            "estimate": on_paper(on_cluster)}
 
 
 def _measure_server(client: DigitClient, payloads: list[bytes], expected: list[int],
