@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import io
+import json
 from dataclasses import asdict
 
 import pytest
@@ -75,6 +76,17 @@ def test_trains_on_a_batch():
     assert trainable.classifier[-1].weight.grad is not None
 
 
+def test_crop_schedule_gives_each_share_of_the_steps_its_side():
+    from digitserve import train
+
+    crops = ((80, 0.75), (96, 0.25))
+    assert [train.crop_at(p, crops) for p in (0.0, 0.5, 0.7499, 0.75, 0.99)] == \
+        [80, 80, 80, 96, 96]
+    assert train.crop_at(0.3, ((96, 1.0),)) == 96
+    # The model takes a 3×80×80 crop as well as its 3×96×96 input (global pooling before the head).
+    assert DigitCNN()(torch.randn(2, 3, 80, 80)).shape == (2, 10)
+
+
 def test_label_smoothing_floor_and_ceiling_match_torchs_loss():
     """``target_ceiling`` is what cross-entropy with label smoothing really allows."""
     from digitserve import train
@@ -108,9 +120,23 @@ def test_the_shipped_lever_measurements_cover_every_lever_and_render():
     assert len({run["seed"] for run in chosen}) >= 2, "the chosen setting needs several seeds"
     for run in chosen:  # measured with exactly what train.FULL trains now (how often the test
         # set is measured changes the time, not the model)
-        assert run["settings"] == {**asdict(train.FULL), "seed": run["seed"],
+        full = json.loads(json.dumps(asdict(train.FULL)))  # as saved: tuples become lists
+        assert run["settings"] == {**full, "seed": run["seed"],
                                    "threads": run["settings"]["threads"],
                                    "test_every_epoch": run["settings"]["test_every_epoch"]}
     for table in (levers.step_cost_table(record), levers.full_run_table(record),
                   levers.summary(record)):
         assert "|" in table.data or "**" in table.data
+
+
+def test_the_goal_line_says_met_or_not_from_the_runs():
+    from digitserve import levers
+
+    def run(accuracy, wall, setting):
+        return {"test_accuracy": accuracy, "wall_time_s": wall, "setting": setting,
+                "load_average": [0.5, 1.0]}
+
+    missed = levers.goal([run(0.9910, 290, "short"), run(0.9942, 420, "long")])[0]
+    assert "Goal not met" in missed and "99.10 % (short)" in missed and "99.42 % (long)" in missed
+    met = levers.goal([run(0.9941, 299, "right"), run(0.9950, 301, "slow")])[0]
+    assert "Goal met" in met and "right" in met and "slow" not in met

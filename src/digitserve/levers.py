@@ -29,7 +29,7 @@ from torch import nn
 
 from digitserve.data import load_normalized
 from digitserve.model import DigitCNN
-from digitserve.preprocessing import to_model_input
+from digitserve.preprocessing import IMAGE_SIZE, to_model_input
 
 LEVERS_PATH = Path(__file__).with_name("training_levers.json")
 
@@ -47,7 +47,11 @@ STEP_LEVERS: dict[str, tuple[dict, str]] = {
         {"cached": True}, "not used: with augmentation every epoch sees new inputs, and a cache "
         "of 60,000 inputs takes gigabytes"),
     "augmentation (rotation, shift, zoom) of every batch": (
-        {"augmented": True}, "used: it buys accuracy that saves an epoch"),
+        {"augmented": True}, "used; at 1.6 epochs and max_lr 3e-3 the full runs with and "
+        "without it came out alike"),
+    "the centred 80×80 square of each 96×96 input (a crop; the digit keeps its size)": (
+        {"crop": 80}, "not used: in the full runs below, cropping the first 75 % of the steps "
+        "cost accuracy against the same steps and seed without it"),
     "batch 64": ({"batch_size": 64}, "batch 128 kept"),
     "batch 256": ({"batch_size": 256}, "batch 128 kept"),
     "bf16 autocast (this CPU has no native bf16)": ({"bf16": True}, "not used"),
@@ -56,8 +60,8 @@ STEP_LEVERS: dict[str, tuple[dict, str]] = {
 
 def step_fn(digits: torch.Tensor, labels: torch.Tensor, batch_size: int = 128,
             channels_last: bool = True, optimizer: str = "fused", cached: bool = False,
-            augmented: bool = False, bf16: bool = False, compiled: bool = False
-            ) -> Callable[[], None]:
+            augmented: bool = False, bf16: bool = False, compiled: bool = False,
+            crop: int = IMAGE_SIZE) -> Callable[[], None]:
     """One training step of DigitCNN on the next batch, with the lever's changes."""
     from digitserve.train import augment
 
@@ -79,7 +83,9 @@ def step_fn(digits: torch.Tensor, labels: torch.Tensor, batch_size: int = 128,
             batch = inputs[i]
         else:
             raw = augment(digits[chunk]) if augmented else digits[chunk]
-            batch = to_model_input(raw).contiguous(memory_format=layout)
+            margin = (IMAGE_SIZE - crop) // 2
+            batch = to_model_input(raw)[..., margin:margin + crop, margin:margin + crop]
+            batch = batch.contiguous(memory_format=layout)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = forward(batch)
         loss = loss_fn(logits.float(), labels[chunk])
@@ -239,21 +245,52 @@ def summary(record: dict | None = None) -> Markdown:
     if chosen:
         share = sum(run["test_time_s"] for run in chosen) / sum(run["wall_time_s"]
                                                                  for run in chosen)
-        lines.append(f"- **measuring the test set after every epoch** (with BatchNorm "
-                     f"recalibration): {share:.0%} of the chosen runs' time; kept, for the "
-                     "curves.")
+        lines.append(f"- **measuring the test set** (with BatchNorm recalibration): {share:.0%} "
+                     "of the chosen runs' time, once after the last step "
+                     "(`test_every_epoch=True` pays it after every epoch as well).")
     if chosen:
         accuracies = [run["test_accuracy"] for run in chosen]
         cpu = [run["cpu_time_s"] for run in chosen]
+        wall = [run["wall_time_s"] for run in chosen]
         lines.append(
-            f"\n**Chosen: `train.FULL`** ({FULL.epochs} epochs, augmentation "
-            f"{'on' if FULL.augment else 'off'}, batch {FULL.batch_size}): over "
+            f"\n**Chosen: `train.FULL`** ({FULL.epochs:g} epochs, max_lr {FULL.max_lr:g}, "
+            f"augmentation {'on' if FULL.augment else 'off'}, batch {FULL.batch_size}"
+            + ("" if len(FULL.crops) == 1 else ", crops " + ", ".join(
+                f"{side}×{side} for {share:.0%}" for side, share in FULL.crops) + " of the steps")
+            + "): over "
             f"{len(chosen)} runs (seeds {', '.join(sorted({str(run['seed']) for run in chosen}))}"
             f"; {', '.join(sorted({str(run['threads']) for run in chosen}))} torch threads) its "
             f"test accuracy was {100 * min(accuracies):.2f}–"
-            f"{100 * max(accuracies):.2f} %, for {min(cpu) / 60:.1f}–{max(cpu) / 60:.1f} "
-            "minutes of CPU time each.")
+            f"{100 * max(accuracies):.2f} %, in {min(wall) / 60:.1f}–{max(wall) / 60:.1f} "
+            f"minutes of wall time ({min(cpu) / 60:.1f}–{max(cpu) / 60:.1f} of CPU time).")
+    lines += goal(record["full_runs"])
     return Markdown("\n".join(lines))
+
+
+#: The lesson's goal for the full setting: this accuracy within this wall time.
+GOAL_ACCURACY, GOAL_WALL_S = 0.994, 300
+
+
+def goal(runs: list[dict]) -> list[str]:
+    """Whether any measured run met the goal, and how close the runs came, from their figures."""
+    met = [r for r in runs
+           if r["test_accuracy"] >= GOAL_ACCURACY and r["wall_time_s"] <= GOAL_WALL_S]
+    if met:
+        best = max(met, key=lambda r: r["test_accuracy"])
+        return [f"\n**Goal met** ({GOAL_ACCURACY:.1%} within {GOAL_WALL_S / 60:.0f} minutes): "
+                f"{best['setting']}, {100 * best['test_accuracy']:.2f} % in "
+                f"{best['wall_time_s'] / 60:.1f} minutes."]
+    in_time = [r for r in runs if r["wall_time_s"] <= GOAL_WALL_S]
+    line = (f"\n**Goal not met** ({GOAL_ACCURACY:.1%} within {GOAL_WALL_S / 60:.0f} minutes of "
+            "wall time)")
+    if in_time:
+        best = max(in_time, key=lambda r: r["test_accuracy"])
+        line += (f": the best run within the time reached {100 * best['test_accuracy']:.2f} % "
+                 f"({best['setting']})")
+    top = max(runs, key=lambda r: (r["test_accuracy"], -r["wall_time_s"]))
+    return [line + f"; the most accurate run, {100 * top['test_accuracy']:.2f} % "
+            f"({top['setting']}), took {top['wall_time_s'] / 60:.1f} minutes at a load average of "
+            f"{top['load_average'][0]:.0f}."]
 
 
 if __name__ == "__main__":

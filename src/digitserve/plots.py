@@ -136,9 +136,9 @@ def training_curves(metrics: dict, save_to: Path | None = None) -> Figure:
         ax.set_xlim(0, max(steps[-1], 1) * 1.02)
         ax.grid(alpha=0.3)
         ax.legend(loc="center right")
-    epochs = len(history)
-    fig.suptitle(f"Training on {metrics['train_images']:,} images, {epochs} "
-                 f"epoch{'s' if epochs > 1 else ''}, {metrics['wall_time_s']:.0f} s "
+    epochs = metrics["settings"]["epochs"]
+    fig.suptitle(f"Training on {metrics['train_images']:,} images, {epochs:g} "
+                 f"epoch{'s' if epochs != 1 else ''}, {metrics['wall_time_s']:.0f} s "
                  f"on {metrics['device']}")
     return save_figure(fig, save_to)
 
