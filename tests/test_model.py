@@ -137,6 +137,6 @@ def test_the_goal_line_says_met_or_not_from_the_runs():
                 "load_average": [0.5, 1.0]}
 
     missed = levers.goal([run(0.9910, 290, "short"), run(0.9942, 420, "long")])[0]
-    assert "Goal not met" in missed and "99.10 % (short)" in missed and "99.42 % (long)" in missed
+    assert "was not met" in missed and "99.10 % (short)" in missed and "99.42 % (long)" in missed
     met = levers.goal([run(0.9941, 299, "right"), run(0.9950, 301, "slow")])[0]
-    assert "Goal met" in met and "right" in met and "slow" not in met
+    assert "**was met** by 1 of the 2 runs" in met and "right" in met and "slow" not in met
