@@ -43,7 +43,12 @@ _CLUSTERS: list[dict] = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the fast unit tests first, so ``-x`` stops before any server is started."""
+    """Run the fast unit tests first, so ``-x`` stops before any server is started; a unit test
+    that asks for MNIST is a mistake (``make test-unit`` runs without ``data/``)."""
+    for item in items:
+        if item.get_closest_marker("unit") and "mnist" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} is marked unit but needs MNIST (the mnist "
+                                    "fixture): mark it integration")
     items.sort(key=lambda item: 0 if item.get_closest_marker("unit") else 1)
 
 
