@@ -14,9 +14,11 @@ import time
 from dataclasses import astuple
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
+from PIL import Image
 
 from digitserve import archive, data, oip, train
 from digitserve.config import Ports
@@ -130,6 +132,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def server_group_recorder():
     """The function tests call with the process-group id of a server they start themselves."""
     return record_server_group
+
+
+@pytest.fixture(scope="session")
+def seven() -> np.ndarray:
+    """MNIST test image 0 (a 7), shipped in tests/data so that the unit tier needs no download;
+    ``test_preprocessing_mnist`` checks it against the real file."""
+    return np.asarray(Image.open(Path(__file__).parent / "data" / "mnist_test_0.png"))
 
 
 @pytest.fixture(scope="session")

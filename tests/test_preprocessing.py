@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,17 +33,6 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
 
 def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
-
-
-#: MNIST test image 0 (a 7), shipped with the tests so that this tier needs no download;
-#: ``test_preprocessing_mnist`` checks it against the real file.
-SEVEN_PNG = Path(__file__).parent / "data" / "mnist_test_0.png"
-
-
-@pytest.fixture(scope="module")
-def seven() -> np.ndarray:
-    """Test image 0, a 7, and the digit array every encoding of it should give."""
-    return np.asarray(Image.open(SEVEN_PNG))
 
 
 @pytest.fixture(scope="module")

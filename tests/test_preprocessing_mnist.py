@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from PIL import Image
 
 from digitserve.preprocessing import normalize_digit
-
-#: The copy of MNIST test image 0 the unit tier uses (``test_preprocessing.SEVEN_PNG``).
-SEVEN_PNG = Path(__file__).parent / "data" / "mnist_test_0.png"
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +20,8 @@ def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
 
 
-def test_the_shipped_seven_is_mnist_test_image_0(digits):
-    assert np.array_equal(np.asarray(Image.open(SEVEN_PNG)), digits[0])
+def test_the_shipped_seven_is_mnist_test_image_0(seven, digits):
+    assert np.array_equal(seven, digits[0])
 
 
 # -- normalize_digit -------------------------------------------------------------------------

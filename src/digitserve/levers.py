@@ -63,7 +63,7 @@ def step_fn(digits: torch.Tensor, labels: torch.Tensor, batch_size: int = 128,
             augmented: bool = False, bf16: bool = False, compiled: bool = False,
             crop: int = IMAGE_SIZE) -> Callable[[], None]:
     """One training step of DigitCNN on the next batch, with the lever's changes."""
-    from digitserve.train import augment
+    from digitserve.train import augment, center_crop
 
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = DigitCNN().to(memory_format=layout)
@@ -83,9 +83,7 @@ def step_fn(digits: torch.Tensor, labels: torch.Tensor, batch_size: int = 128,
             batch = inputs[i]
         else:
             raw = augment(digits[chunk]) if augmented else digits[chunk]
-            margin = (IMAGE_SIZE - crop) // 2
-            batch = to_model_input(raw)[..., margin:margin + crop, margin:margin + crop]
-            batch = batch.contiguous(memory_format=layout)
+            batch = center_crop(to_model_input(raw), crop).contiguous(memory_format=layout)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = forward(batch)
         loss = loss_fn(logits.float(), labels[chunk])
@@ -268,17 +266,25 @@ def summary(record: dict | None = None) -> Markdown:
     return Markdown("\n".join(lines))
 
 
-def learning_rate(runs: list[dict]) -> list[str]:
-    """The full runs that differ from ``train.FULL`` in the learning-rate peak only (seed 0)."""
+def differences_from_full(settings: dict) -> set[str]:
+    """The names of the settings in which a recorded run (its JSON ``settings``) differs from
+    ``train.FULL`` as it is now."""
     from dataclasses import asdict
 
     from digitserve.train import FULL
 
-    full = json.loads(json.dumps(asdict(FULL)))
-    ignored = ("max_lr", "seed", "threads", "test_every_epoch")
-    same = sorted(({r["settings"]["max_lr"]: r for r in runs if r["seed"] == 0 and all(
-        r["settings"].get(key) == value for key, value in full.items() if key not in ignored)}
-        ).values(), key=lambda r: r["settings"]["max_lr"])
+    full = json.loads(json.dumps(asdict(FULL)))  # as saved: tuples become lists
+    return {key for key in full.keys() | settings.keys() if settings.get(key) != full.get(key)}
+
+
+def learning_rate(runs: list[dict]) -> list[str]:
+    """The full runs that differ from ``train.FULL`` in the learning-rate peak only (seed 0)."""
+    from digitserve.train import FULL
+
+    ignored = {"max_lr", "seed", "threads", "test_every_epoch"}
+    same = sorted({r["settings"]["max_lr"]: r for r in runs if r["seed"] == 0
+                   and differences_from_full(r["settings"]) <= ignored}.values(),
+                  key=lambda r: r["settings"]["max_lr"])
     if len(same) < 2:
         return []
     return ["- **the learning rate's peak** (`max_lr`; otherwise `train.FULL`, seed 0): "
@@ -291,10 +297,14 @@ def learning_rate(runs: list[dict]) -> list[str]:
 GOAL_ACCURACY, GOAL_WALL_S = 0.994, 300
 
 
+def meets_goal(run: dict) -> bool:
+    """Whether a training run (``train.train``'s metrics or a recorded run) met the goal."""
+    return run["test_accuracy"] >= GOAL_ACCURACY and run["wall_time_s"] <= GOAL_WALL_S
+
+
 def goal(runs: list[dict]) -> list[str]:
     """Whether any measured run met the goal, and how close the runs came, from their figures."""
-    met = [r for r in runs
-           if r["test_accuracy"] >= GOAL_ACCURACY and r["wall_time_s"] <= GOAL_WALL_S]
+    met = [r for r in runs if meets_goal(r)]
     if met:
         best = max(met, key=lambda r: r["test_accuracy"])
         return [f"\n**The goal** ({GOAL_ACCURACY:.1%} within {GOAL_WALL_S / 60:.0f} minutes of "

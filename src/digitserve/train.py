@@ -97,6 +97,12 @@ def crop_at(progress: float, crops: tuple[tuple[int, float], ...]) -> int:
     return crops[-1][0]
 
 
+def center_crop(inputs: torch.Tensor, side: int) -> torch.Tensor:
+    """The centred ``side``×``side`` square of each (…, 96, 96) input (a view, no copy)."""
+    margin = (IMAGE_SIZE - side) // 2
+    return inputs[..., margin:margin + side, margin:margin + side]
+
+
 def recalibrate_batchnorm(model: nn.Module, digits: torch.Tensor, device: torch.device,
                           batch_size: int = 256) -> None:
     """Recompute BatchNorm's running statistics with the final weights ("precise BN").
@@ -200,12 +206,11 @@ def train(
         for step, batch in enumerate(bar, start=1):
             side = crop_at(((epoch - 1) * steps_per_epoch + step - 1) / total_steps,
                            settings.crops)
-            margin = (IMAGE_SIZE - side) // 2
             digits = train_x[batch]
             if settings.augment:
                 digits = augment(digits, generator=generator, strength=settings.augment_strength)
-            inputs = to_model_input(digits)[..., margin:margin + side, margin:margin + side]
-            inputs = inputs.to(device, memory_format=torch.channels_last)
+            inputs = center_crop(to_model_input(digits), side).to(
+                device, memory_format=torch.channels_last)
             labels = train_y[batch].to(device)
             logits = model(inputs)
             loss = loss_fn(logits, labels)
